@@ -1,0 +1,31 @@
+# lmstrain: `make demo` trains the demo model on synthetic data, `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install demo test test-slow clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo_data/.complete: | install
+	$(BIN)/lmstrain synth demo_data --cases 24 --shape 64 64 64 --seed 0
+	touch $@
+
+demo: install demo_data/.complete
+	$(BIN)/lmstrain fit configs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+clean-demo:
+	rm -rf demo_data runs/demo-*

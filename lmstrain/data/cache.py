@@ -1,0 +1,53 @@
+"""On-disk cache of preprocessed volumes, keyed by the case's files and the preprocessing settings.
+
+A cached entry is an ``.npz`` written to a temporary file and renamed into place, so several
+readers (or a second run) never see a partial file, and a resolution sweep never re-reads NIfTI.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lmstrain.atomic import atomic_path
+from lmstrain.data.preprocess import preprocess_case
+
+# Bump when preprocess_case changes what it produces, so stale entries are not reused.
+PREPROCESS_VERSION = 1
+
+
+def default_cache_dir():
+    """``$XDG_CACHE_HOME/lmstrain``, or ``~/.cache/lmstrain``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmstrain"
+
+
+class VolumeCache:
+    """Preprocessed ``(image, regions)`` arrays per case at one target shape."""
+
+    def __init__(self, cache_dir, shape):
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.shape = tuple(int(s) for s in shape)
+
+    def path(self, case):
+        """Where ``case`` is cached; the name changes when a file or a setting changes."""
+        files = []
+        for p in case.images + (case.seg,):
+            stat = Path(p).stat()
+            files.append([str(Path(p).resolve()), stat.st_size, stat.st_mtime_ns])
+        settings = {"shape": self.shape, "version": PREPROCESS_VERSION, "files": files}
+        key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20]
+        return self.cache_dir / f"{case.case_id}-{key}.npz"
+
+    def load(self, case):
+        """Return ``(image, regions)`` for ``case``, preprocessing and caching it on a miss."""
+        path = self.path(case)
+        if path.exists():
+            with np.load(path) as entry:
+                return entry["image"], entry["regions"]
+        result = preprocess_case(case, self.shape)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, image=result.image, regions=result.regions)
+        return result.image, result.regions

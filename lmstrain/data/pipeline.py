@@ -1,0 +1,49 @@
+"""tf.data input pipelines: cached volumes -> (image, regions) batches, with random flips."""
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+
+def warm_cache(cases, cache, desc="Preprocessing"):
+    """Preprocess every case not yet in ``cache``, with a progress bar."""
+    missing = [case for case in cases if not cache.path(case).exists()]
+    for case in tqdm(missing, desc=desc, unit="case", disable=None if missing else True):
+        cache.load(case)
+
+
+def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True):
+    """Batches of ``(image (N,X,Y,Z,4) float32, regions (N,X,Y,Z,3) float32)``.
+
+    Training datasets are shuffled, flipped at random along each axis, and repeat forever;
+    validation datasets pass over the cases once, in order.
+    """
+    shape = cache.shape
+
+    def load(index):
+        image, regions = cache.load(cases[int(index)])
+        return image.astype(np.float32), regions.astype(np.float32)
+
+    def load_tf(index):
+        image, regions = tf.numpy_function(load, [index], (tf.float32, tf.float32))
+        return tf.ensure_shape(image, (*shape, 4)), tf.ensure_shape(regions, (*shape, 3))
+
+    ds = tf.data.Dataset.range(len(cases))
+    if training:
+        ds = ds.shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if training and flip:
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
+        ds = ds.map(lambda pair, rnd: random_flip(*pair, rnd), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=training)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def random_flip(image, regions, rnd):
+    """Flip image and regions together along each spatial axis with probability 1/2."""
+    coins = tf.random.stateless_uniform([3], seed=tf.stack([rnd, tf.constant(0, tf.int64)]))
+    for axis in range(3):
+        flip = coins[axis] < 0.5
+        image = tf.cond(flip, lambda a=axis: tf.reverse(image, [a]), lambda: image)
+        regions = tf.cond(flip, lambda a=axis: tf.reverse(regions, [a]), lambda: regions)
+    return image, regions

@@ -1,0 +1,138 @@
+"""Synthetic BraTS-format cases: a brain-like phantom with a tumour, in four MR contrasts.
+
+Each case is a skull-stripped ellipsoidal brain with white matter, grey matter and CSF
+(ventricles and an outer rim), and a tumour made of a necrotic core, an enhancing rim and
+surrounding oedema. Every modality has its own tissue contrasts, a smooth multiplicative bias
+field and Rician noise. Cases are deterministic per (seed, case index).
+"""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from lmstrain.atomic import atomic_path
+from lmstrain.data.brats import LAYOUTS
+
+# Mean intensity per tissue, per modality (t1, t1ce, t2, flair), on a 0..1 scale.
+_TISSUES = ("background", "csf", "gm", "wm", "necrotic", "edema", "enhancing")
+_CONTRAST = np.array([
+    # bg   csf   gm    wm    necr  edema enh
+    [0.0, 0.25, 0.55, 0.75, 0.30, 0.45, 0.55],  # t1
+    [0.0, 0.25, 0.55, 0.75, 0.25, 0.45, 1.00],  # t1ce
+    [0.0, 1.00, 0.60, 0.45, 0.90, 0.85, 0.70],  # t2
+    [0.0, 0.15, 0.55, 0.45, 0.50, 0.95, 0.75],  # flair
+], dtype=np.float32)
+
+
+def case_id(naming, index):
+    """The case id a release would use for case number ``index``."""
+    if naming == "brats2021":
+        return f"BraTS2021_{index:05d}"
+    if naming == "brats2023":
+        return f"BraTS-GLI-{index:05d}-000"
+    raise ValueError(f"naming must be brats2021 or brats2023, got {naming!r}")
+
+
+def write_dataset(out_dir, cases, shape, seed=0, naming="brats2021", progress=None):
+    """Write ``cases`` synthetic cases under ``out_dir``; return the case folders.
+
+    ``progress`` is an optional callable invoked once per written case.
+    """
+    out_dir = Path(out_dir)
+    layout = LAYOUTS[naming]
+    folders = []
+    for index in range(cases):
+        cid = case_id(naming, index)
+        folder = out_dir / cid
+        folder.mkdir(parents=True, exist_ok=True)
+        images, tissue = make_case(shape, np.random.default_rng([seed, index]))
+        affine = brats_affine(shape)
+        for modality, image in zip(layout.modalities, images):
+            _save(image.astype(np.int16), affine, folder / f"{cid}{layout.separator}{modality}.nii.gz")
+        seg = _labels(tissue, layout.labels)
+        _save(seg, affine, folder / f"{cid}{layout.separator}{layout.seg_suffix}.nii.gz")
+        folders.append(folder)
+        if progress:
+            progress()
+    return folders
+
+
+def brats_affine(shape):
+    """1 mm isotropic affine oriented like the BraTS releases (x and y flipped, LPS)."""
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[1, 3] = shape[1] - 1
+    return affine
+
+
+def make_case(shape, rng):
+    """Return ``(images, tissue)``: four (X, Y, Z) float32 images and an int8 tissue map."""
+    shape = tuple(int(s) for s in shape)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    tissue = _brain(grid, shape, rng)
+    _add_tumour(tissue, grid, rng)
+    images = []
+    for contrast in _CONTRAST:
+        image = contrast[tissue] * rng.uniform(0.9, 1.1)
+        image = ndimage.gaussian_filter(image, 0.6)             # partial volume
+        image *= _smooth_field(shape, rng, amplitude=0.25)      # bias field
+        sigma = 0.03
+        image = np.hypot(image + rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))
+        image[tissue == 0] = 0                                   # skull-stripped
+        images.append((image * rng.uniform(600, 1400)).astype(np.float32))
+    return images, tissue
+
+
+def _brain(grid, shape, rng):
+    radii = np.array([0.78, 0.85, 0.75]) * rng.uniform(0.92, 1.05, 3)
+    r = np.sqrt(sum((g / a) ** 2 for g, a in zip(grid, radii)))
+    r = r + 0.05 * _smooth_noise(shape, rng)                     # wobbly cortex
+    tissue = np.zeros(shape, np.int8)
+    tissue[r < 1.0] = _TISSUES.index("csf")
+    tissue[r < 0.95] = _TISSUES.index("gm")
+    tissue[r < 0.75 + 0.06 * _smooth_noise(shape, rng)] = _TISSUES.index("wm")
+    for side in (-1, 1):                                         # lateral ventricles
+        v = ((grid[0] - side * 0.12) / 0.08) ** 2 + (grid[1] / 0.3) ** 2 + ((grid[2] - 0.05) / 0.15) ** 2
+        tissue[v < 1.0] = _TISSUES.index("csf")
+    return tissue
+
+
+def _add_tumour(tissue, grid, rng):
+    brain = tissue > 0
+    centre = rng.uniform(-0.35, 0.35, 3)
+    radius = rng.uniform(0.2, 0.32)
+    stretch = rng.uniform(0.8, 1.25, 3)
+    d = np.sqrt(sum(((g - c) / s) ** 2 for g, c, s in zip(grid, centre, stretch)))
+    d = d * (1.0 + 0.15 * _smooth_noise(tissue.shape, rng))
+    rim = rng.uniform(0.35, 0.5)
+    tissue[brain & (d < radius * rng.uniform(1.4, 1.8))] = _TISSUES.index("edema")
+    tissue[brain & (d < radius)] = _TISSUES.index("enhancing")
+    tissue[brain & (d < radius * (1 - rim))] = _TISSUES.index("necrotic")
+
+
+def _labels(tissue, scheme):
+    seg = np.zeros(tissue.shape, np.uint8)
+    seg[tissue == _TISSUES.index("necrotic")] = scheme.necrotic
+    seg[tissue == _TISSUES.index("edema")] = scheme.edema
+    seg[tissue == _TISSUES.index("enhancing")] = scheme.enhancing
+    return seg
+
+
+def _smooth_noise(shape, rng):
+    """Zero-mean, unit-range smooth random field."""
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=max(shape) / 8)
+    return field / (np.abs(field).max() + 1e-8)
+
+
+def _smooth_field(shape, rng, amplitude):
+    return np.exp(amplitude * _smooth_noise(shape, rng)).astype(np.float32)
+
+
+def _save(array, affine, path):
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)

@@ -1,0 +1,122 @@
+"""3D U-Nets for BraTS: the Isensee et al. 2017 network and a plain U-Net.
+
+Both take ``(X, Y, Z, 4)`` inputs (channels_last) and return one sigmoid output of shape
+``(X, Y, Z, 3)``: the WT, TC and ET regions.
+"""
+
+import keras
+from keras import layers
+
+from lmstrain.errors import ConfigError
+
+N_CHANNELS = 4
+N_REGIONS = 3
+
+
+def build_model(config, input_shape=None):
+    """Build the uncompiled network named by ``config.model`` for ``input_shape`` (x, y, z).
+
+    ``input_shape`` defaults to ``config.data.shape``. Raises :class:`ConfigError` when the
+    network cannot take that size.
+    """
+    m = config.model
+    shape = tuple(int(s) for s in (input_shape or config.data.shape))
+    check_input_shape(shape, m.depth, m.name)
+    if m.name == "isensee2017":
+        return isensee2017(shape, base_filters=m.base_filters, depth=m.depth, dropout=m.dropout,
+                           norm=m.norm, deep_supervision=m.deep_supervision)
+    return unet(shape, base_filters=m.base_filters, depth=m.depth, norm=m.norm)
+
+
+def divisor(depth):
+    """Every input edge must be a multiple of this for a network of ``depth`` levels."""
+    return 2 ** (depth - 1)
+
+
+def check_input_shape(shape, depth, name="the network"):
+    d = divisor(depth)
+    bad = [s for s in shape if s % d or s < d]
+    if bad:
+        near = sorted({max(d, s // d * d) for s in bad} | {(s // d + 1) * d for s in bad})
+        raise ConfigError(
+            f"data.shape {list(shape)}: {name} with depth {depth} needs every edge to be a "
+            f"multiple of {d}; {', '.join(map(str, bad))} is not (nearest that work: "
+            f"{', '.join(map(str, near))})")
+
+
+def isensee2017(input_shape, base_filters=16, depth=5, dropout=0.3, norm="instance",
+                deep_supervision=True):
+    """The BraTS 2017 network of Isensee et al., as in the Keras 3DUnetCNN code.
+
+    Each level: a 3x3x3 conv (stride 2 below the top), then a context module (conv block,
+    spatial dropout, conv block) added back residually. Decoder: upsample + conv, concatenate
+    the skip, localisation module (3x3x3 then 1x1x1 conv blocks). Deep supervision sums 1x1x1
+    segmentation outputs of the three finest decoder levels, upsampled, before the sigmoid.
+    """
+    inputs = keras.Input((*input_shape, N_CHANNELS), name="image")
+    x, skips = inputs, []
+    for level in range(depth):
+        filters = base_filters * 2**level
+        name = f"enc{level}"
+        x = conv_block(x, filters, strides=1 if level == 0 else 2, norm=norm, name=f"{name}_in")
+        context = conv_block(x, filters, norm=norm, name=f"{name}_ctx1")
+        context = layers.SpatialDropout3D(dropout, name=f"{name}_dropout")(context)
+        context = conv_block(context, filters, norm=norm, name=f"{name}_ctx2")
+        x = layers.Add(name=f"{name}_add")([x, context])
+        skips.append(x)
+
+    n_supervised = min(3, depth - 1) if deep_supervision else 1
+    segmentations = []
+    for level in range(depth - 2, -1, -1):
+        filters = base_filters * 2**level
+        name = f"dec{level}"
+        x = layers.UpSampling3D(2, name=f"{name}_upsample")(x)
+        x = conv_block(x, filters, norm=norm, name=f"{name}_up")
+        x = layers.Concatenate(name=f"{name}_concat")([skips[level], x])
+        x = conv_block(x, filters, norm=norm, name=f"{name}_loc1")
+        x = conv_block(x, filters, kernel_size=1, norm=norm, name=f"{name}_loc2")
+        if level < n_supervised:
+            segmentations.append(layers.Conv3D(N_REGIONS, 1, name=f"{name}_seg")(x))
+
+    out = segmentations[0]  # coarsest supervised level first
+    for level, seg in enumerate(segmentations[1:]):
+        out = layers.UpSampling3D(2, name=f"seg_upsample{level}")(out)
+        out = layers.Add(name=f"seg_sum{level}")([out, seg])
+    out = layers.Activation("sigmoid", dtype="float32", name="regions")(out)
+    return keras.Model(inputs, out, name="isensee2017")
+
+
+def unet(input_shape, base_filters=16, depth=5, norm="instance"):
+    """A plain 3D U-Net: two conv blocks per level, max-pooling, transposed-conv upsampling."""
+    inputs = keras.Input((*input_shape, N_CHANNELS), name="image")
+    x, skips = inputs, []
+    for level in range(depth):
+        filters = base_filters * 2**level
+        if level:
+            x = layers.MaxPooling3D(2, name=f"enc{level}_pool")(x)
+        x = conv_block(x, filters, norm=norm, activation="relu", name=f"enc{level}_conv1")
+        x = conv_block(x, filters, norm=norm, activation="relu", name=f"enc{level}_conv2")
+        skips.append(x)
+    for level in range(depth - 2, -1, -1):
+        filters = base_filters * 2**level
+        x = layers.Conv3DTranspose(filters, 2, strides=2, name=f"dec{level}_up")(x)
+        x = layers.Concatenate(name=f"dec{level}_concat")([skips[level], x])
+        x = conv_block(x, filters, norm=norm, activation="relu", name=f"dec{level}_conv1")
+        x = conv_block(x, filters, norm=norm, activation="relu", name=f"dec{level}_conv2")
+    x = layers.Conv3D(N_REGIONS, 1, name="seg")(x)
+    out = layers.Activation("sigmoid", dtype="float32", name="regions")(x)
+    return keras.Model(inputs, out, name="unet")
+
+
+def conv_block(x, filters, kernel_size=3, strides=1, norm="instance", activation="leaky_relu",
+               name=None):
+    """Conv3D -> normalisation -> activation (LeakyReLU 0.01 or ReLU)."""
+    x = layers.Conv3D(filters, kernel_size, strides=strides, padding="same",
+                      use_bias=norm == "none", name=f"{name}_conv")(x)
+    if norm == "instance":
+        x = layers.GroupNormalization(groups=-1, name=f"{name}_norm")(x)
+    elif norm == "batch":
+        x = layers.BatchNormalization(name=f"{name}_norm")(x)
+    if activation == "leaky_relu":
+        return layers.LeakyReLU(negative_slope=0.01, name=f"{name}_act")(x)
+    return layers.ReLU(name=f"{name}_act")(x)

@@ -1,0 +1,41 @@
+"""Plots and tables for runs and sweeps (matplotlib, headless)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lmstrain.atomic import atomic_path  # noqa: E402
+from lmstrain.data.brats import REGIONS  # noqa: E402
+
+
+def plot_history(rows, path):
+    """Write ``progress.png``: loss and per-region dice per epoch, training dashed."""
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("loss", "--"), ("val_loss", "-")):
+        ax_loss.plot(epochs, [_num(r.get(key)) for r in rows], style, color="k", label=key)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_loss.legend()
+    for region, color in zip((*REGIONS, "mean"), ("tab:green", "tab:orange", "tab:red", "k")):
+        for prefix, style in (("", "--"), ("val_", "-")):
+            ax_dice.plot(epochs, [_num(r.get(f"{prefix}dice_{region}")) for r in rows], style,
+                         color=color, label=f"{prefix}dice_{region}")
+    ax_dice.set(xlabel="epoch", ylabel="dice (threshold 0.5)", ylim=(0, 1), title="Dice")
+    ax_dice.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Save ``fig`` to ``path`` atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def _num(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")

@@ -1,0 +1,156 @@
+"""Training: ``fit`` starts a run, ``resume`` continues one (see :mod:`lmstrain.rundir`)."""
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lmstrain.config import config_from_dict, require_data_root, save_config
+from lmstrain.data.brats import discover_cases
+from lmstrain.data.split import load_split, save_split, split_cases
+from lmstrain.errors import ConfigError, RunError, UserError
+from lmstrain.rundir import RunFiles, create_run_dir
+
+log = logging.getLogger("lmstrain.train")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+
+
+def fit(config):
+    """Train a new run for ``config``; return its :class:`RunResult`."""
+    root = require_data_root(config)
+    cases = discover_cases(root, config.data.layout)
+    if config.data.max_cases:
+        cases = cases[:config.data.max_cases]
+    train_cases, val_cases = split_cases(cases, config.data.val_fraction, config.train.seed)
+    run_dir = create_run_dir(config.output.root, config.output.name or "run")
+    save_config(config, run_dir / "config.yaml")
+    save_split(run_dir / "split.json", train_cases, val_cases, config.train.seed)
+    log.info("Run directory: %s", run_dir)
+    log.info("%d cases: %d for training, %d for validation", len(cases), len(train_cases),
+             len(val_cases))
+    return _train(config, RunFiles(run_dir), train_cases, val_cases)
+
+
+def resume(run_dir, overrides=()):
+    """Continue the run in ``run_dir`` from its last finished epoch.
+
+    ``overrides`` (``--set`` strings) may change only ``train.epochs``.
+    """
+    files = RunFiles(run_dir)
+    state = files.read_json("checkpoints/state.json")
+    if state is None or not (files.checkpoints / "last.keras").exists():
+        raise UserError(f"{run_dir} has no finished epoch to resume from; start a new run with "
+                        "`lmstrain fit`")
+    saved = yaml.safe_load((files.run_dir / "config.yaml").read_text())
+    config = config_from_dict(saved, overrides)
+    _check_only_epochs_changed(config_from_dict(saved).to_dict(), config.to_dict())
+    if config.train.epochs <= state["epoch"]:
+        raise UserError(f"{run_dir} already completed {state['epoch']} of {config.train.epochs} "
+                        f"epochs; pass --set train.epochs=N with N > {state['epoch']} to continue")
+    cases = discover_cases(require_data_root(config), config.data.layout)
+    train_cases, val_cases = load_split(files.run_dir / "split.json", cases)
+    save_config(config, files.run_dir / "config.yaml")
+    log.info("Resuming %s after epoch %d of %d", run_dir, state["epoch"], config.train.epochs)
+    return _train(config, files, train_cases, val_cases)
+
+
+def compile_model(model, config, steps_per_epoch):
+    """Compile ``model`` with the configured optimizer, schedule, loss and region metrics."""
+    import keras
+
+    from lmstrain.model.losses import make_loss
+    from lmstrain.model.metrics import region_metrics
+
+    t = config.train
+    total_steps = max(1, t.epochs * steps_per_epoch)
+    lr = t.learning_rate
+    if t.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(t.learning_rate, decay_steps=total_steps)
+    elif t.lr_schedule == "poly":
+        lr = keras.optimizers.schedules.PolynomialDecay(t.learning_rate, total_steps,
+                                                        end_learning_rate=0.0, power=0.9)
+    optimizer = {
+        "adam": lambda: keras.optimizers.Adam(lr),
+        "adamw": lambda: keras.optimizers.AdamW(lr),
+        "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.99, nesterov=True),
+    }[t.optimizer]()
+    model.compile(optimizer=optimizer, loss=make_loss(config), metrics=region_metrics(),
+                  steps_per_execution=t.steps_per_execution,
+                  jit_compile=False if config.lms.enabled else "auto")
+    return model
+
+
+def _train(config, files, train_cases, val_cases):
+    import keras
+
+    from lmstrain.callbacks import EpochProgress, RunRecorder
+    from lmstrain.data.cache import VolumeCache
+    from lmstrain.data.pipeline import make_dataset, warm_cache
+    from lmstrain.model import build_model
+
+    started = time.time()
+    if config.lms.enabled:
+        raise ConfigError("lms.enabled: the swap callback is not part of this version yet; "
+                          "set lms.enabled=false")
+    keras.utils.set_random_seed(config.train.seed)
+    cache = VolumeCache(config.data.cache_dir, config.data.shape)
+    warm_cache(train_cases + val_cases, cache)
+    t = config.train
+    train_ds = make_dataset(train_cases, cache, t.batch_size, training=True, seed=t.seed,
+                            flip=config.data.flip)
+    val_ds = make_dataset(val_cases, cache, t.batch_size, training=False)
+    steps = t.steps_per_epoch or max(1, math.ceil(len(train_cases) / t.batch_size))
+
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16" if t.mixed_precision else "float32")
+    try:
+        model = compile_model(build_model(config), config, steps)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    log.info("Model %s: %s parameters, input %s", model.name, f"{model.count_params():,}",
+             "x".join(map(str, config.data.shape)))
+
+    summary = files.read_json("summary.json") or {
+        "n_train_cases": len(train_cases), "n_validation_cases": len(val_cases)}
+    recorder = RunRecorder(files, summary)
+    if recorder.epochs_completed:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(files.checkpoints / "last.keras")
+    else:
+        initial = model.evaluate(val_ds, verbose=0, return_dict=True)
+        summary["initial_metrics"] = {f"val_{k}": float(v) for k, v in initial.items()}
+        log.info("Untrained model: val_dice_mean %.4f", initial["dice_mean"])
+
+    callbacks = [
+        recorder,
+        EpochProgress(steps),
+        keras.callbacks.TensorBoard(files.run_dir / "tensorboard", write_graph=False),
+    ]
+    if t.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=10))
+    model.fit(train_ds, epochs=t.epochs, initial_epoch=recorder.epochs_completed,
+              steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks, verbose=0)
+    recorder.finish(time.time() - started)
+    if recorder.nan_epoch is not None:
+        raise RunError(
+            f"the loss became NaN in epoch {recorder.nan_epoch}; training stopped and the last "
+            f"good checkpoint ({files.checkpoints / 'last.keras'}) was kept. Lower "
+            "train.learning_rate (or turn off train.mixed_precision) and resume")
+    return RunResult(files.run_dir, recorder.summary)
+
+
+def _check_only_epochs_changed(before, after):
+    for section, values in before.items():
+        for key, value in values.items():
+            if (section, key) != ("train", "epochs") and after[section][key] != value:
+                raise UserError(
+                    f"--resume can only change train.epochs, not {section}.{key} "
+                    f"({value!r} -> {after[section][key]!r}); start a new run with `lmstrain fit`")

@@ -1,0 +1,43 @@
+"""Parse and format byte sizes such as ``16GiB`` or ``512 MB``."""
+
+import re
+
+from lmstrain.errors import UserError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_bytes(value):
+    """Return ``value`` in bytes; accepts ints and strings like ``16GiB``, ``512MB``, ``1.5 GiB``.
+
+    >>> parse_bytes("16GiB")
+    17179869184
+    >>> parse_bytes("512 MB")
+    512000000
+    """
+    if isinstance(value, bool):
+        raise UserError(f"expected a size such as 16GiB or 512MB, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise UserError(f"a size cannot be negative, got {value!r}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UserError(
+            f"expected a size such as 16GiB, 512MiB, 40GB or a number of bytes, got {value!r}"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n):
+    """Human-readable binary size: ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
+    if n is None:
+        return "-"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"

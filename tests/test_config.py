@@ -1,0 +1,95 @@
+import pytest
+
+from lmstrain.config import load_config, schema_keys
+from lmstrain.errors import ConfigError
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_only_data_root_is_a_valid_config_with_defaults(tmp_path):
+    config = load_config(write(tmp_path, "data:\n  root: brats\n"))
+    assert config.data.root == str(tmp_path / "brats")
+    assert config.data.shape == [128, 128, 128]
+    assert config.train.epochs == 50
+    assert config.lms.enabled is False
+    assert config.output.name == "exp"
+    assert config.output.root == str(tmp_path.cwd() / "runs")
+
+
+def test_empty_file_is_valid_and_root_unset(tmp_path):
+    assert load_config(write(tmp_path, "")).data.root is None
+
+
+def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):
+    path = write(tmp_path, "data:\n  shap: [64, 64, 64]\n")
+    with pytest.raises(ConfigError, match=r"^unknown key 'data.shap': did you mean 'data.shape'\?"):
+        load_config(path)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian': did you mean 'train'\?"):
+        load_config(write(tmp_path, "trian:\n  epochs: 3\n"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+    ("train.epochs=0", "train.epochs: must be at least 1, got 0"),
+    ("train.epochs=true", "train.epochs: expected an integer, got True"),
+    ("train.learning_rate=-1", "train.learning_rate: must be greater than 0.0, got -1.0"),
+    ("data.shape=[64,64]", "data.shape: expected 3 values, got [64, 64]"),
+    ("data.shape=[64,0,64]", "data.shape: must be at least 1, got [64, 0, 64]"),
+    ("model.name=isensee", "model.name: expected one of isensee2017, unet, got 'isensee' "
+                           "(did you mean 'isensee2017'?)"),
+    ("lms.enabled=maybe", "lms.enabled: expected true or false or one of auto, got 'maybe'"),
+    ("lms.device_memory=lots", "lms.device_memory: expected a size such as 16GiB"),
+    ("train", "--set expects section.key=value (e.g. train.epochs=3), got 'train'"),
+])
+def test_bad_values_name_the_key_and_the_value(tmp_path, override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "data: {root: x}\n"), [override])
+    assert str(info.value).startswith(message)
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    config = load_config(write(tmp_path, "data: {root: x}\n"),
+                         ["data.shape=[32,48,64]", "train.learning_rate=5e-4",
+                          "lms.device_memory=16GiB", "lms.enabled=auto", "model.name=unet"])
+    assert config.data.shape == [32, 48, 64]
+    assert config.train.learning_rate == 5e-4
+    assert config.lms.device_memory == 16 * 2**30
+    assert config.lms.enabled == "auto"
+    assert config.model.name == "unet"
+
+
+def test_yaml_paths_are_relative_to_the_file_and_set_paths_to_the_cwd(tmp_path, monkeypatch):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    path = write(sub, "data:\n  root: ../data\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).data.root == str(tmp_path / "data")
+    assert load_config(path, ["data.root=other"]).data.root == str(tmp_path / "other")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = load_config(write(tmp_path, "data: {root: x}\n"), ["train.epochs=7"])
+    again = load_config(write(tmp_path, config.to_yaml(), "again.yaml"))
+    assert again.to_dict() == config.to_dict()
+
+
+def test_every_key_has_help():
+    keys = list(schema_keys())
+    assert len(keys) > 30
+    assert all(help_text for _key, _tp, _default, help_text in keys)
