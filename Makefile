@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test test-slow clean-demo
+.PHONY: install demo test test-slow clean-demo bench-pipeline
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# Benchmarks write bench/results/*.json; each figure says how it was measured.
+bench-pipeline: install
+	$(BIN)/python scripts/bench_pipeline.py --out bench/results/pipeline.json
 
 clean-demo:
 	rm -rf demo_data runs/demo-*

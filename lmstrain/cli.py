@@ -13,7 +13,7 @@ import click
 from lmstrain.errors import LmstrainError
 
 # Keep TensorFlow's C++ start-up chatter out of the user's terminal unless asked for.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class LmstrainGroup(click.Group):
@@ -58,6 +58,11 @@ def main(verbose, quiet):
       lmstrain synth demo_data --cases 24 --shape 64 64 64
       lmstrain fit configs/demo.yaml --set data.root=demo_data
       lmstrain config show configs/demo.yaml
+
+    \b
+    After training:
+      lmstrain evaluate runs/demo-<timestamp>
+      lmstrain predict runs/demo-<timestamp> new_cases/ predictions/
 
     Every command taking a CONFIG accepts --set SECTION.KEY=VALUE overrides.
     """
@@ -152,9 +157,91 @@ def _print_result(result):
         click.echo(f"Untrained model: mean {initial['val_dice_mean']:.3f}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, exists=True),
+              help="Score every case in this folder instead of the run's validation cases.")
+def evaluate(run_dir, data_dir):
+    """Score a trained run: Dice, HD95 (mm) and sensitivity per region and case.
+
+    By default the run's validation cases (split.json) are predicted with
+    checkpoints/best.keras and compared with their segmentations on the original grid, so
+    training cases are never scored. Writes metrics.csv, summary.json (mean, median) and
+    boxplot.png to RUN_DIR/evaluation/ (RUN_DIR/evaluation-<folder>/ with --data).
+
+    \b
+    Examples:
+      lmstrain evaluate runs/demo-20261126-150945
+      lmstrain evaluate runs/demo-20261126-150945 --data /data/BraTS2021_holdout
+    """
+    from lmstrain.scoring import evaluate_run, format_summary
+
+    _rows, summary, out_dir = evaluate_run(run_dir, data_dir)
+    click.echo(format_summary(summary))
+    click.echo(f"Results: {out_dir}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("input_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace segmentations already in OUTPUT_DIR.")
+def predict(run_dir, input_dir, output_dir, overwrite):
+    """Segment every case in INPUT_DIR with a trained run; write NIfTI to OUTPUT_DIR.
+
+    Each output <case_id>.nii.gz has the input's shape and affine and the label values of the
+    input's BraTS release. Cases need their four images; a segmentation is not needed.
+    Runs trained with data.resize: crop_pad predict with an overlapping sliding window.
+
+    \b
+    Example:
+      lmstrain predict runs/demo-20261126-150945 /data/new_cases predictions/
+    """
+    from lmstrain.inference import predict_folder
+
+    written = predict_folder(run_dir, input_dir, output_dir, overwrite)
+    click.echo(f"Wrote {len(written)} segmentations to {output_dir}")
+
+
+@main.group("data")
+def data_group():
+    """Inspect datasets before training (see `lmstrain data check --help`)."""
+
+
+@data_group.command("check")
+@config_options
+def data_check(config):
+    """Load every case of CONFIG's data.root as training would, and report.
+
+    Prints the number of cases, their shapes, voxel spacings, data types and label values,
+    and every problem (unreadable or truncated file, modality shape or affine mismatch,
+    unexpected label values, missing modality) with the case name.
+
+    Exit status: 0 when every case loads (warnings allowed) or data.on_error is skip; 1 when a
+    case fails under data.on_error: fail; 2 for a bad config or when no cases are found.
+
+    \b
+    Example:
+      lmstrain data check configs/brats2021_isensee.yaml --set data.root=/data/BraTS2021
+    """
+    from lmstrain.config import require_data_root
+    from lmstrain.data.brats import discover_cases
+    from lmstrain.data.check import check_cases
+
+    cases = discover_cases(require_data_root(config), config.data.layout)
+    click.echo(f"{len(cases)} cases ({cases[0].layout.name} layout)")
+    report = check_cases(cases)
+    for line in report.lines()[1:]:
+        click.echo(line)
+    if report.failures and config.data.on_error == "fail":
+        click.echo(f"{len(report.failures)} of {len(cases)} cases cannot be loaded "
+                   "(data.on_error: fail)", err=True)
+        raise SystemExit(1)
+
+
 @main.group("config")
 def config_group():
-    """Inspect experiment configs."""
+    """Inspect experiment configs (see `lmstrain config show --help`)."""
 
 
 @config_group.command("show")

@@ -47,6 +47,12 @@ class DataConfig:
     val_fraction: float = _key(0.2, "Share of cases held out for validation (split by train.seed).",
                                gt=0.0, max=0.9)
     max_cases: Optional[int] = _key(None, "Use only the first N cases (sorted by id); null = all.", min=2)
+    resize: Literal["resample", "crop_pad"] = _key(
+        "resample", "Bring the brain box to data.shape by resampling (SimpleITK), or by centred "
+                    "crop/pad at native resolution (prediction then uses a sliding window).")
+    n4: bool = _key(False, "N4 bias-field correction (SimpleITK) before normalisation.")
+    on_error: Literal["fail", "skip"] = _key(
+        "fail", "A case that cannot be read: stop with an error (fail), or warn and leave it out.")
     flip: bool = _key(True, "Random flips along each axis during training.")
     cache_dir: Optional[str] = _key(
         None, "Where preprocessed volumes are cached; null = $XDG_CACHE_HOME/lmstrain "

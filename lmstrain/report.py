@@ -1,5 +1,7 @@
 """Plots and tables for runs and sweeps (matplotlib, headless)."""
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -23,6 +25,20 @@ def plot_history(rows, path):
                          color=color, label=f"{prefix}dice_{region}")
     ax_dice.set(xlabel="epoch", ylabel="dice (threshold 0.5)", ylim=(0, 1), title="Dice")
     ax_dice.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_scores(rows, path):
+    """Write a boxplot of Dice and HD95 per region over the scored cases."""
+    fig, (ax_dice, ax_hd) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [r.upper() for r in REGIONS]
+    ax_dice.boxplot([[row[f"dice_{r}"] for row in rows] for r in REGIONS], tick_labels=labels)
+    ax_dice.set(ylabel="Dice", ylim=(0, 1.02), title=f"Dice ({len(rows)} cases)")
+    finite = [[row[f"hd95_{r}"] for row in rows if math.isfinite(row[f"hd95_{r}"])]
+              for r in REGIONS]
+    ax_hd.boxplot(finite, tick_labels=labels)
+    ax_hd.set(ylabel="HD95 (mm)", title="HD95 (finite values)")
     fig.tight_layout()
     save_figure(fig, path)
 

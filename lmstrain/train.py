@@ -6,12 +6,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import yaml
 
+from lmstrain.callbacks import EpochProgress, RunRecorder
 from lmstrain.config import config_from_dict, require_data_root, save_config
 from lmstrain.data.brats import discover_cases
+from lmstrain.data.cache import VolumeCache
+from lmstrain.data.pipeline import make_dataset, prepare_cases
+from lmstrain.data.preprocess import Settings
 from lmstrain.data.split import load_split, save_split, split_cases
 from lmstrain.errors import ConfigError, RunError, UserError
+from lmstrain.model import build_model
+from lmstrain.model.losses import make_loss
+from lmstrain.model.metrics import region_metrics
 from lmstrain.rundir import RunFiles, create_run_dir
 
 log = logging.getLogger("lmstrain.train")
@@ -29,6 +37,7 @@ def fit(config):
     cases = discover_cases(root, config.data.layout)
     if config.data.max_cases:
         cases = cases[:config.data.max_cases]
+    cases = prepare_cases(cases, volume_cache(config), config.data.on_error)
     train_cases, val_cases = split_cases(cases, config.data.val_fraction, config.train.seed)
     run_dir = create_run_dir(config.output.root, config.output.name or "run")
     save_config(config, run_dir / "config.yaml")
@@ -57,6 +66,7 @@ def resume(run_dir, overrides=()):
                         f"epochs; pass --set train.epochs=N with N > {state['epoch']} to continue")
     cases = discover_cases(require_data_root(config), config.data.layout)
     train_cases, val_cases = load_split(files.run_dir / "split.json", cases)
+    prepare_cases(train_cases + val_cases, volume_cache(config), "fail")
     save_config(config, files.run_dir / "config.yaml")
     log.info("Resuming %s after epoch %d of %d", run_dir, state["epoch"], config.train.epochs)
     return _train(config, files, train_cases, val_cases)
@@ -64,11 +74,6 @@ def resume(run_dir, overrides=()):
 
 def compile_model(model, config, steps_per_epoch):
     """Compile ``model`` with the configured optimizer, schedule, loss and region metrics."""
-    import keras
-
-    from lmstrain.model.losses import make_loss
-    from lmstrain.model.metrics import region_metrics
-
     t = config.train
     total_steps = max(1, t.epochs * steps_per_epoch)
     lr = t.learning_rate
@@ -89,20 +94,12 @@ def compile_model(model, config, steps_per_epoch):
 
 
 def _train(config, files, train_cases, val_cases):
-    import keras
-
-    from lmstrain.callbacks import EpochProgress, RunRecorder
-    from lmstrain.data.cache import VolumeCache
-    from lmstrain.data.pipeline import make_dataset, warm_cache
-    from lmstrain.model import build_model
-
     started = time.time()
     if config.lms.enabled:
         raise ConfigError("lms.enabled: the swap callback is not part of this version yet; "
                           "set lms.enabled=false")
     keras.utils.set_random_seed(config.train.seed)
-    cache = VolumeCache(config.data.cache_dir, config.data.shape)
-    warm_cache(train_cases + val_cases, cache)
+    cache = volume_cache(config)
     t = config.train
     train_ds = make_dataset(train_cases, cache, t.batch_size, training=True, seed=t.seed,
                             flip=config.data.flip)
@@ -145,6 +142,11 @@ def _train(config, files, train_cases, val_cases):
             f"good checkpoint ({files.checkpoints / 'last.keras'}) was kept. Lower "
             "train.learning_rate (or turn off train.mixed_precision) and resume")
     return RunResult(files.run_dir, recorder.summary)
+
+
+def volume_cache(config):
+    """The preprocessed-volume cache for ``config``'s data settings."""
+    return VolumeCache(config.data.cache_dir, Settings.from_config(config))
 
 
 def _check_only_epochs_changed(before, after):

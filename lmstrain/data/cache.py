@@ -4,6 +4,7 @@ A cached entry is an ``.npz`` written to a temporary file and renamed into place
 readers (or a second run) never see a partial file, and a resolution sweep never re-reads NIfTI.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from lmstrain.atomic import atomic_path
 from lmstrain.data.preprocess import preprocess_case
 
 # Bump when preprocess_case changes what it produces, so stale entries are not reused.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 def default_cache_dir():
@@ -24,20 +25,27 @@ def default_cache_dir():
 
 
 class VolumeCache:
-    """Preprocessed ``(image, regions)`` arrays per case at one target shape."""
+    """Preprocessed ``(image, regions)`` arrays per case for one set of preprocessing settings."""
 
-    def __init__(self, cache_dir, shape):
+    def __init__(self, cache_dir, settings):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.shape = tuple(int(s) for s in shape)
+        self.settings = settings
+
+    @property
+    def shape(self):
+        return self.settings.shape
 
     def path(self, case):
         """Where ``case`` is cached; the name changes when a file or a setting changes."""
         files = []
-        for p in case.images + (case.seg,):
+        for p in (*case.images, case.seg):
+            if p is None:  # a missing file: loading the case reports it
+                continue
             stat = Path(p).stat()
             files.append([str(Path(p).resolve()), stat.st_size, stat.st_mtime_ns])
-        settings = {"shape": self.shape, "version": PREPROCESS_VERSION, "files": files}
-        key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20]
+        key = {"settings": dataclasses.asdict(self.settings), "version": PREPROCESS_VERSION,
+               "files": files}
+        key = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
         return self.cache_dir / f"{case.case_id}-{key}.npz"
 
     def load(self, case):
@@ -46,7 +54,7 @@ class VolumeCache:
         if path.exists():
             with np.load(path) as entry:
                 return entry["image"], entry["regions"]
-        result = preprocess_case(case, self.shape)
+        result = preprocess_case(case, self.settings)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             np.savez(tmp, image=result.image, regions=result.regions)

@@ -1,15 +1,34 @@
 """tf.data input pipelines: cached volumes -> (image, regions) batches, with random flips."""
 
+import logging
+
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from lmstrain.errors import DataError
 
-def warm_cache(cases, cache, desc="Preprocessing"):
-    """Preprocess every case not yet in ``cache``, with a progress bar."""
-    missing = [case for case in cases if not cache.path(case).exists()]
-    for case in tqdm(missing, desc=desc, unit="case", disable=None if missing else True):
-        cache.load(case)
+log = logging.getLogger("lmstrain.data")
+
+
+def prepare_cases(cases, cache, on_error="fail"):
+    """Preprocess every case not yet in ``cache`` (with a progress bar); return the usable ones.
+
+    A case that cannot be read raises its :class:`DataError` (``on_error="fail"``) or is left
+    out with a warning (``"skip"``).
+    """
+    todo = [case for case in cases if not cache.path(case).exists()]
+    bad = set()
+    for case in tqdm(todo, desc="Preprocessing", unit="case", disable=None if todo else True):
+        try:
+            cache.load(case)
+        except DataError as err:
+            if on_error == "fail":
+                raise DataError(f"{err} (set data.on_error: skip to leave such cases out)") \
+                    from None
+            log.warning("skipping %s", err)
+            bad.add(case.case_id)
+    return [case for case in cases if case.case_id not in bad]
 
 
 def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True):

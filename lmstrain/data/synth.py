@@ -52,7 +52,7 @@ def write_dataset(out_dir, cases, shape, seed=0, naming="brats2021", progress=No
         for modality, image in zip(layout.modalities, images):
             _save(image.astype(np.int16), affine, folder / f"{cid}{layout.separator}{modality}.nii.gz")
         seg = _labels(tissue, layout.labels)
-        _save(seg, affine, folder / f"{cid}{layout.separator}{layout.seg_suffix}.nii.gz")
+        _save(seg, affine, folder / f"{cid}{layout.separator}seg.nii.gz")
         folders.append(folder)
         if progress:
             progress()

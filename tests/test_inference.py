@@ -1,0 +1,120 @@
+"""Map-back to the original grid, sliding windows, metrics, and evaluate/predict on a real run."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from nifti import oblique_affine, phantom, save
+
+from lmstrain.cli import main
+from lmstrain.data.brats import discover_cases
+from lmstrain.data.preprocess import Settings, preprocess_case
+from lmstrain.data.synth import write_dataset
+from lmstrain.evaluation import dice, hd95, score_regions, sensitivity
+from lmstrain.inference import gaussian_weight, segment, sliding_window, write_segmentation
+
+
+def round_trip(case, settings, tmp_path):
+    """Predict ``case`` with its own ground truth standing in for the model's output."""
+    truth_on_network_grid = preprocess_case(case, settings).regions.astype(np.float32)
+    probabilities, loaded = segment(case, settings, lambda batch: truth_on_network_grid[None])
+    pred = probabilities >= 0.5
+    out = tmp_path / "pred.nii.gz"
+    write_segmentation(case.layout.labels.from_regions(pred), loaded.affine, out)
+    written = nib.load(out)
+    truth = case.layout.labels.to_regions(loaded.seg)
+    return score_regions(pred, truth, loaded.spacing), written, loaded
+
+
+def test_crop_pad_round_trip_is_exact_on_a_flipped_affine_with_a_crop_offset(tmp_path):
+    affine = oblique_affine(flip=(-1, 1, -1), angle=0.0)
+    images, seg = phantom(shape=(40, 36, 32), offset=(5, -2, 3))
+    root = tmp_path / "data"
+    for i, mod in enumerate(("t1", "t1ce", "t2", "flair")):
+        save(images[..., i], root / "BraTS2021_00001" / f"BraTS2021_00001_{mod}.nii.gz", affine)
+    save(seg, root / "BraTS2021_00001" / "BraTS2021_00001_seg.nii.gz", affine)
+    (case,) = discover_cases(root)
+    scores, written, loaded = round_trip(case, Settings((48, 32, 32), mode="crop_pad"), tmp_path)
+    assert preprocess_case(case, Settings((48, 32, 32), "crop_pad")).transform.bbox[0] == (8, 40)
+    for region in ("wt", "tc", "et"):
+        assert scores[f"dice_{region}"] == 1.0 and scores[f"hd95_{region}"] == 0.0
+    assert written.shape == (40, 36, 32) and np.allclose(written.affine, affine)
+    assert np.array_equal(np.asanyarray(written.dataobj), seg)  # the release's label values
+
+
+def test_resample_round_trip_is_close(tmp_path):
+    write_dataset(tmp_path / "data", 1, (64, 60, 56), seed=3)
+    (case,) = discover_cases(tmp_path / "data")
+    scores, written, loaded = round_trip(case, Settings((32, 32, 32)), tmp_path)
+    for region in ("wt", "tc", "et"):
+        assert scores[f"dice_{region}"] >= 0.95, scores
+    assert written.shape == (64, 60, 56) and np.allclose(written.affine, loaded.affine)
+
+
+def test_sliding_window_covers_the_volume_and_blends_consistently():
+    volume = np.random.default_rng(0).normal(size=(37, 20, 26, 2)).astype(np.float32)
+    out = sliding_window(lambda batch: batch * 2.0, volume, (16, 16, 16), overlap=0.5)
+    assert out.shape == volume.shape
+    assert np.allclose(out, volume * 2.0, atol=1e-5)
+    weight = gaussian_weight((16, 16, 16))
+    assert weight.max() == 1.0 and weight.min() > 0 and weight[8, 8, 8] == 1.0
+
+
+def test_metrics_on_hand_made_masks():
+    a = np.zeros((20, 20, 20), bool)
+    b = np.zeros((20, 20, 20), bool)
+    a[5:10, 5:10, 5:10] = True
+    b[5:10, 5:10, 7:12] = True                       # shifted by 2 voxels along z
+    assert dice(a, b) == pytest.approx(2 * 75 / 250)
+    assert sensitivity(a, b) == pytest.approx(75 / 125)
+    assert hd95(a, b, (1, 1, 1)) == pytest.approx(2.0)
+    assert hd95(a, b, (1, 1, 3)) == pytest.approx(6.0)  # spacing in mm along the shift
+    empty = np.zeros_like(a)
+    assert dice(empty, empty) == 1.0 and hd95(empty, empty, (1, 1, 1)) == 0.0
+    assert dice(a, empty) == 0.0 and hd95(a, empty, (1, 1, 1)) == float("inf")
+    assert hd95(empty, a, (1, 1, 1)) == float("inf") and sensitivity(empty, a) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, brats2021_root):
+    """A tiny run trained for one epoch on the shared synthetic data."""
+    tmp = tmp_path_factory.mktemp("run")
+    config = tmp / "tiny.yaml"
+    config.write_text(json.dumps({
+        "data": {"root": str(brats2021_root), "shape": [16, 16, 16], "cache_dir": str(tmp / "c")},
+        "model": {"base_filters": 4, "depth": 3},
+        "train": {"epochs": 1, "batch_size": 2, "steps_per_epoch": 2},
+        "output": {"root": str(tmp / "runs")}}))
+    result = CliRunner().invoke(main, ["fit", str(config)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp / "runs").iterdir()
+    return run_dir
+
+
+def test_evaluate_scores_only_validation_cases(trained_run):
+    result = CliRunner().invoke(main, ["evaluate", str(trained_run)])
+    assert result.exit_code == 0, result.output
+    assert "2 cases" in result.output and "WT" in result.output
+    out = trained_run / "evaluation"
+    rows = (out / "metrics.csv").read_text().splitlines()
+    validation = json.loads((trained_run / "split.json").read_text())["validation"]
+    assert [r.split(",")[0] for r in rows[1:]] == validation
+    assert rows[0].startswith("case_id,dice_wt,dice_tc,dice_et,hd95_wt")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 2 and 0 <= summary["dice_wt"]["median"] <= 1
+    assert (out / "boxplot.png").stat().st_size > 1000
+
+
+def test_predict_writes_label_maps_on_the_input_grid(trained_run, brats2021_root, tmp_path):
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(main, ["predict", str(trained_run), str(brats2021_root), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 8 segmentations" in result.output
+    source = nib.load(brats2021_root / "BraTS2021_00003" / "BraTS2021_00003_t1.nii.gz")
+    pred = nib.load(out / "BraTS2021_00003.nii.gz")
+    assert pred.shape == source.shape and np.allclose(pred.affine, source.affine)
+    assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1, 2, 4}
+    again = CliRunner().invoke(main, ["predict", str(trained_run), str(brats2021_root), str(out)])
+    assert again.exit_code == 2 and "pass --overwrite" in again.output
