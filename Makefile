@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test test-slow clean-demo bench-pipeline
+.PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ test-slow: install
 # Benchmarks write bench/results/*.json; each figure says how it was measured.
 bench-pipeline: install
 	$(BIN)/python scripts/bench_pipeline.py --out bench/results/pipeline.json
+
+bench-lms: install
+	$(BIN)/python scripts/lms_effect.py
 
 clean-demo:
 	rm -rf demo_data runs/demo-*

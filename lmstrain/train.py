@@ -1,5 +1,6 @@
 """Training: ``fit`` starts a run, ``resume`` continues one (see :mod:`lmstrain.rundir`)."""
 
+import dataclasses
 import logging
 import math
 import time
@@ -16,7 +17,8 @@ from lmstrain.data.cache import VolumeCache
 from lmstrain.data.pipeline import make_dataset, prepare_cases
 from lmstrain.data.preprocess import Settings
 from lmstrain.data.split import load_split, save_split, split_cases
-from lmstrain.errors import ConfigError, RunError, UserError
+from lmstrain.errors import RunError, UserError
+from lmstrain.lms import LMS, split_cpu
 from lmstrain.model import build_model
 from lmstrain.model.losses import make_loss
 from lmstrain.model.metrics import region_metrics
@@ -33,6 +35,7 @@ class RunResult:
 
 def fit(config):
     """Train a new run for ``config``; return its :class:`RunResult`."""
+    prepare_devices(config)
     root = require_data_root(config)
     cases = discover_cases(root, config.data.layout)
     if config.data.max_cases:
@@ -61,6 +64,7 @@ def resume(run_dir, overrides=()):
     saved = yaml.safe_load((files.run_dir / "config.yaml").read_text())
     config = config_from_dict(saved, overrides)
     _check_only_epochs_changed(config_from_dict(saved).to_dict(), config.to_dict())
+    prepare_devices(config)
     if config.train.epochs <= state["epoch"]:
         raise UserError(f"{run_dir} already completed {state['epoch']} of {config.train.epochs} "
                         f"epochs; pass --set train.epochs=N with N > {state['epoch']} to continue")
@@ -70,6 +74,26 @@ def resume(run_dir, overrides=()):
     save_config(config, files.run_dir / "config.yaml")
     log.info("Resuming %s after epoch %d of %d", run_dir, state["epoch"], config.train.epochs)
     return _train(config, files, train_cases, val_cases)
+
+
+def prepare_devices(config):
+    """Before TensorFlow starts its devices: on a CPU-only machine with swapping on, split the
+    CPU into a compute device (/CPU:0) and a host (/CPU:1) so the swap rewrite can run."""
+    if config.lms.enabled is True:
+        split_cpu()
+
+
+def lms_callback(config):
+    """The swap callback configured by ``config.lms``, or None when swapping is off."""
+    if config.lms.enabled == "auto":
+        log.warning("lms.enabled: auto is not available yet (it needs the memory simulator); "
+                    "training without swapping. Set lms.enabled: true to swap.")
+        return None
+    if not config.lms.enabled:
+        return None
+    settings = dataclasses.asdict(config.lms)
+    del settings["enabled"]
+    return LMS(**settings)
 
 
 def compile_model(model, config, steps_per_epoch):
@@ -88,16 +112,12 @@ def compile_model(model, config, steps_per_epoch):
         "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.99, nesterov=True),
     }[t.optimizer]()
     model.compile(optimizer=optimizer, loss=make_loss(config), metrics=region_metrics(),
-                  steps_per_execution=t.steps_per_execution,
-                  jit_compile=False if config.lms.enabled else "auto")
+                  steps_per_execution=t.steps_per_execution)
     return model
 
 
 def _train(config, files, train_cases, val_cases):
     started = time.time()
-    if config.lms.enabled:
-        raise ConfigError("lms.enabled: the swap callback is not part of this version yet; "
-                          "set lms.enabled=false")
     keras.utils.set_random_seed(config.train.seed)
     cache = volume_cache(config)
     t = config.train
@@ -133,8 +153,16 @@ def _train(config, files, train_cases, val_cases):
     ]
     if t.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=10))
+    swap = lms_callback(config)
+    if swap:
+        callbacks.append(swap)
     model.fit(train_ds, epochs=t.epochs, initial_epoch=recorder.epochs_completed,
               steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks, verbose=0)
+    if swap:
+        files.write_json("lms_plan.json", swap.plan_report())
+        recorder.summary["lms"] = {"active": swap.active,
+                                   "swapped_bytes_per_step": swap.plans[-1].swapped_bytes
+                                   if swap.plans else 0}
     recorder.finish(time.time() - started)
     if recorder.nan_epoch is not None:
         raise RunError(

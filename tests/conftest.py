@@ -10,6 +10,14 @@ import yaml  # noqa: E402
 from lmstrain.data.synth import write_dataset  # noqa: E402
 
 
+def pytest_configure(config):
+    """Split the CPU into /CPU:0 (compute) and /CPU:1 (host) before any test initialises
+    TensorFlow, so that the LMS tests can swap between them (the whole suite sees two CPUs)."""
+    from lmstrain.lms import split_cpu
+
+    split_cpu()
+
+
 @pytest.fixture(scope="session")
 def brats2021_root(tmp_path_factory):
     """Eight synthetic BraTS 2021 cases of 32^3 (shared, read-only)."""

@@ -137,3 +137,22 @@ def test_killed_run_resumes_losing_at_most_one_epoch(tmp_path, tiny_config):
     assert result.exit_code == 0, result.output
     epochs = [int(r["epoch"]) for r in history(run_dir)]
     assert epochs == list(range(1, kept + 2))
+
+
+def test_fit_with_swapping_trains_to_the_same_losses_and_writes_the_plan(tmp_path, tiny_config):
+    # One run without and one with lms.enabled, same seed: the swap rewrite must not change
+    # a single number, and the plan must list the swapped tensors.
+    plain = tiny_config(train={"epochs": 1}, model={"dropout": 0.0}, data={"flip": False})
+    assert run("fit", plain).exit_code == 0
+    result = run("fit", plain, "--set", "lms.enabled=true", "--set", "lms.verify=true")
+    assert result.exit_code == 0, result.output
+    without, with_lms = run_dirs(tmp_path)
+    assert history(with_lms) == history(without)
+    plan = json.loads((with_lms / "lms_plan.json").read_text())
+    assert plan["active"] and plan["host_device"].endswith("CPU:1")
+    swapped = plan["functions"][-1]["swapped"]
+    assert len(swapped) >= 10
+    assert all(s["bytes"] > 0 and s["swap_ins"][0]["trigger"] for s in swapped)
+    assert any(check["found"] and check["ok"] for check in plan["checks"])
+    summary = json.loads((with_lms / "summary.json").read_text())
+    assert summary["lms"]["active"] and summary["lms"]["swapped_bytes_per_step"] > 0

@@ -1,0 +1,229 @@
+"""The public ``LMS`` Keras callback: swap activations to host memory during training."""
+
+import functools
+import logging
+import sys
+
+import keras
+import tensorflow as tf
+
+from lmstrain.lms import devices, tfgraph
+from lmstrain.lms.graph import StepGraph
+from lmstrain.lms.plan import make_plan
+from lmstrain.lms.rewrite import apply_plan
+from lmstrain.lms.settings import COPY_MODES, LMSParameterError, SwapSettings, check_choice
+from lmstrain.lms.verify import verify_swaps
+
+log = logging.getLogger("lmstrain.lms")
+
+
+class LMS(keras.callbacks.Callback):
+    """Large Model Support: swap forward activations to the host and back for the backward pass.
+
+    While Keras traces the training step, the callback edits the traced graph: each forward
+    tensor that a backward op reads later is copied to ``host_device`` (swap-out) and copied
+    back (swap-in) shortly before its backward consumers run, so the device does not have to
+    hold it in between. Works on any Keras 3 model with the TensorFlow backend::
+
+        model.fit(x, y, callbacks=[LMS(host_device="/CPU:0")])
+
+    Args:
+        min_tensor_bytes: smallest tensor that is swapped.
+        swapout_threshold: swap a tensor for the backward consumers that are more than this
+            many topological levels after its producer; nearer consumers keep the original.
+        swapin_ahead: start each swap-in after a backward op this many levels before the
+            consumer (the prefetch distance).
+        swapin_groupby: consumers whose levels are within this distance share one swap-in.
+        sync_mode: extra waits. ``"swapout"``: the producer's forward consumers wait for the
+            swap-out, so the original is freed as soon as the forward pass no longer needs it
+            (the default: without it, measured peaks did not drop, see docs). ``"swapin"``: the
+            swap-in waits for all other inputs of its consumer (latest possible copy).
+            ``"both"``; ``"async"``: only the prefetch trigger.
+        include_types, exclude_types: op types whose outputs are (only / never) swapped.
+        include_scopes, exclude_scopes: name scopes whose op outputs are (only / never)
+            swapped; a scope matches whole name components (``enc0_ctx1_conv``).
+        host_device: where swapped tensors wait. None picks /CPU:1 when the model runs on a CPU
+            split by :func:`lmstrain.lms.split_cpu`, else /CPU:0.
+        compute_device: where the model runs; None = the first GPU, else the first CPU.
+            When it is the host device, the callback says so and leaves the graph alone.
+        autotune: choose the swap settings with the memory simulator (not available yet).
+        device_memory: the device's memory budget in bytes (for auto-tuning), or None.
+        verify: log, per traced function, how many swap nodes survived Grappler.
+        copy_mode: ``"snapshot"`` (default; on a GPU the transfer is the copy) or
+            ``"deepcopy"``, which forces a real copy between logical CPUs so that memory
+            measurements on CPU see the swap.
+
+    After training, ``plans`` holds one :class:`~lmstrain.lms.plan.SwapPlan` per traced
+    function and ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each (verify=True).
+    """
+
+    def __init__(self, min_tensor_bytes=4096, swapout_threshold=1, swapin_ahead=1,
+                 swapin_groupby=0, sync_mode="swapout", include_types=(), exclude_types=(),
+                 include_scopes=(), exclude_scopes=(), host_device="/CPU:0", compute_device=None,
+                 autotune=False, device_memory=None, verify=False, copy_mode="snapshot"):
+        super().__init__()
+        self.settings = SwapSettings(
+            min_tensor_bytes=min_tensor_bytes, swapout_threshold=swapout_threshold,
+            swapin_ahead=swapin_ahead, swapin_groupby=swapin_groupby, sync_mode=sync_mode,
+            include_types=include_types, exclude_types=exclude_types,
+            include_scopes=include_scopes, exclude_scopes=exclude_scopes)
+        if autotune is not False:
+            raise LMSParameterError(
+                f"LMS autotune={autotune!r} is not available yet: it needs lmstrain's memory "
+                f"simulator. Use autotune=False and set swapout_threshold, swapin_ahead and "
+                f"swapin_groupby by hand.")
+        if device_memory is not None and (isinstance(device_memory, bool)
+                                          or not isinstance(device_memory, int)
+                                          or device_memory <= 0):
+            raise LMSParameterError(
+                f"LMS device_memory must be a positive number of bytes or None; "
+                f"got {device_memory!r}.")
+        check_choice("copy_mode", copy_mode, COPY_MODES)
+        check_choice("verify", verify, (True, False))
+        self.host_device = devices.check_spec(host_device, "host_device")
+        self.compute_device = devices.check_spec(compute_device, "compute_device")
+        self.device_memory = device_memory
+        self.verify = verify
+        self.copy_mode = copy_mode
+        self.plans = []
+        self.checks = []
+        self._devices = None
+        self._said_same_device = False
+        self._fit_batch_size = None
+        self._restore_jit = None
+
+    @property
+    def active(self):
+        """True when the callback rewrites the model's training step."""
+        return self._devices is not None and self._devices[0] != self._devices[1]
+
+    def set_model(self, model):
+        """Check the devices (the constructor must not initialise TensorFlow's devices)."""
+        super().set_model(model)
+        if keras.backend.backend() != "tensorflow":
+            raise LMSParameterError(
+                f"LMS needs Keras's TensorFlow backend; this Keras uses "
+                f"{keras.backend.backend()!r} (set KERAS_BACKEND=tensorflow).")
+        compute = devices.resolve(self.compute_device or devices.default_compute_device(),
+                                  "compute_device")
+        host = devices.resolve(self.host_device or devices.default_host_device(compute),
+                               "host_device")
+        self._devices = (compute, host)
+        if compute == host and not self._said_same_device:
+            log.warning("LMS: compute device and host device are both %s; swapping would "
+                        "move nothing, so the training step is left unchanged.",
+                        devices.short(compute))
+            self._said_same_device = True
+
+    def on_train_begin(self, logs=None):
+        """Wrap ``train_step`` so that every trace of it is rewritten, and rebuild the step."""
+        model = self.model
+        if not self.active:
+            return
+        if model.run_eagerly:
+            log.warning("LMS: the model runs eagerly (run_eagerly=True): there is no traced "
+                        "step to rewrite, so nothing is swapped.")
+            return
+        if model.jit_compile:
+            log.warning("LMS: turning XLA off (jit_compile=False) while swapping: XLA "
+                        "compiles the swap nodes away.")
+            self._restore_jit = model.jit_compile
+            model.jit_compile = False
+        if not self._wrapped():  # still wrapped if a previous fit raised
+            model.train_step = self._wrap(model.train_step)
+        model.make_train_function(force=True)
+        self._fit_batch_size = _fit_batch_size()
+        if self.verify:
+            tfgraph.start_graph_collection()
+
+    def _wrap(self, train_step):
+        @functools.wraps(train_step)
+        def lms_train_step(data):
+            outputs = train_step(data)
+            if tf.inside_function():
+                self._rewrite(tf.compat.v1.get_default_graph(), data, outputs)
+            return outputs
+
+        lms_train_step.lms_callback = self
+        return lms_train_step
+
+    def _rewrite(self, graph, data, outputs):
+        batch_size, source = self._batch_size(data)
+        returned = [t for t in tf.nest.flatten(outputs) if isinstance(t, tf.Tensor)]
+        step = StepGraph.analyse(graph, returned, batch_size)
+        compute, host = self._devices
+        plan = make_plan(step, self.settings, compute, host, self.copy_mode,
+                         function=graph.name, trace=len(self.plans) + 1,
+                         batch_size_source=source)
+        apply_plan(step, plan)
+        self.plans.append(plan)
+        log.info("LMS: %s (trace %d): %s", plan.function, plan.trace, plan.summary())
+        for note in plan.notes:
+            log.warning("LMS: %s (trace %d): %s", plan.function, plan.trace, note)
+
+    def _batch_size(self, data):
+        for tensor in tf.nest.flatten(data):
+            if isinstance(tensor, tf.Tensor) and tensor.shape.rank:
+                if tensor.shape[0] is not None:
+                    return tensor.shape[0], "traced shape"
+                break
+        if self._fit_batch_size:
+            return self._fit_batch_size, "fit batch_size"
+        log.warning("LMS: batch size unknown while tracing; tensor sizes are per sample. "
+                    "Batch with drop_remainder=True to give the traced step static shapes.")
+        return 1, "unknown (sizes per sample)"
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._wrapped() and self.verify and len(self.checks) < len(self.plans):
+            self._check_plans(final=False)
+
+    def on_train_end(self, logs=None):
+        """Check the remaining plans, then give the model back its own training step."""
+        if not self._wrapped():
+            return
+        if self.verify:
+            self._check_plans(final=True)
+            tfgraph.stop_graph_collection()
+        del self.model.train_step
+        self.model.train_function = None
+        if self._restore_jit is not None:
+            self.model.jit_compile = self._restore_jit
+            self._restore_jit = None
+
+    def _wrapped(self):
+        step = self.model.__dict__.get("train_step") if self.model is not None else None
+        return getattr(step, "lms_callback", None) is self
+
+    def _check_plans(self, final):
+        """Check the plans whose functions have run since the last call; log one line each."""
+        checked = {(c.function, c.trace) for c in self.checks}
+        pending = [p for p in self.plans if (p.function, p.trace) not in checked]
+        for plan, check in zip(pending, verify_swaps(tfgraph.collect_graphs(), pending)):
+            if check.found or final:
+                self.checks.append(check)
+                (log.info if check.ok or not check.found else log.warning)(check.summary(plan))
+
+    def plan_report(self):
+        """Everything the callback did, JSON-serialisable (write it as ``lms_plan.json``)."""
+        compute, host = self._devices or (None, None)
+        return {
+            "active": self.active,
+            "compute_device": compute,
+            "host_device": host,
+            "copy_mode": self.copy_mode,
+            "device_memory": self.device_memory,
+            "settings": self.settings.to_dict(),
+            "functions": [plan.to_dict() for plan in self.plans],
+            "checks": [{**vars(check), "ok": check.ok} for check in self.checks],
+        }
+
+
+def _fit_batch_size():
+    """The batch size of the data that ``Model.fit`` (a caller of on_train_begin) iterates."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        adapter = getattr(frame.f_locals.get("epoch_iterator"), "data_adapter", None)
+        if adapter is not None:
+            return adapter.batch_size
+        frame = frame.f_back
+    return None

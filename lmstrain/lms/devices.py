@@ -1,0 +1,101 @@
+"""Device names for LMS, and the CPU-only emulation of a device plus its host.
+
+On a machine without a GPU, :func:`split_cpu` turns the CPU into two logical devices: /CPU:0
+runs the model (the "device") and /CPU:1 holds swapped tensors (the "host"). This exercises the
+rewrite end to end, but both live in the same RAM, so it saves no memory.
+"""
+
+import logging
+
+import tensorflow as tf
+
+from lmstrain.lms.settings import LMSParameterError
+
+log = logging.getLogger("lmstrain.lms")
+
+
+def split_cpu():
+    """Split the CPU into /CPU:0 (compute) and /CPU:1 (host) before TensorFlow initialises.
+
+    Returns True when two logical CPUs are in effect afterwards (also when they already were).
+    Changes nothing and returns False on a machine with a GPU (swaps go to the real host), or,
+    with a warning, when TensorFlow's devices are already initialised with one CPU.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return False
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    except RuntimeError:
+        if len(tf.config.list_logical_devices("CPU")) >= 2:
+            return True
+        log.warning("LMS: cannot split the CPU into a compute and a host device: TensorFlow "
+                    "has already initialised its devices. Call lmstrain.lms.split_cpu() before "
+                    "creating any tensor or model.")
+        return False
+    log.warning("LMS on CPU: /CPU:0 plays the device and /CPU:1 the host. This emulation "
+                "exercises the swap rewrite but saves no memory (both are the same RAM).")
+    return True
+
+
+def check_spec(name, role):
+    """Check that ``name`` parses as a device name; return it. Does not initialise TF."""
+    if name is None:
+        return None
+    try:
+        spec = tf.DeviceSpec.from_string(name) if isinstance(name, str) else None
+    except (ValueError, TypeError):
+        spec = None
+    if spec is None or spec.device_type is None:
+        raise LMSParameterError(
+            f"LMS {role} must be a device name such as '/CPU:0', '/GPU:0' or "
+            f"'/job:localhost/replica:0/task:0/device:CPU:1'; got {name!r}.")
+    return name
+
+
+def resolve(name, role):
+    """The fully qualified name of the logical device ``name``; ValueError if there is none."""
+    spec = tf.DeviceSpec.from_string(check_spec(name, role))
+    wanted = (spec.device_type.upper(), spec.device_index or 0)
+    available = tf.config.list_logical_devices()
+    for device in available:
+        found = tf.DeviceSpec.from_string(device.name)
+        if (found.device_type.upper(), found.device_index) == wanted:
+            return device.name
+    names = ", ".join(short(d.name) for d in available)
+    raise LMSParameterError(f"LMS {role} {name!r} is not a device of this process; "
+                            f"available: {names}.")
+
+
+def default_compute_device():
+    """Where unplaced ops run: the first GPU, else the first CPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return (gpus or tf.config.list_logical_devices("CPU"))[0].name
+
+
+def default_host_device(compute_device):
+    """/CPU:1 when the model runs on a CPU that was split by :func:`split_cpu`, else /CPU:0."""
+    cpus = tf.config.list_logical_devices("CPU")
+    on_cpu = tf.DeviceSpec.from_string(compute_device).device_type.upper() == "CPU"
+    if on_cpu and len(cpus) > 1:
+        return cpus[1].name
+    return cpus[0].name
+
+
+def runs_on(op, device):
+    """True if ``op`` is placed on ``device`` (unplaced ops run on the compute device)."""
+    return not op.device or same(op.device, device)
+
+
+def same(a, b):
+    """True if device names ``a`` and ``b`` (short or fully qualified) name one device."""
+    a, b = tf.DeviceSpec.from_string(a), tf.DeviceSpec.from_string(b)
+    return ((a.device_type or "").upper(), a.device_index or 0) == (
+        (b.device_type or "").upper(), b.device_index or 0)
+
+
+def short(name):
+    """'/job:localhost/replica:0/task:0/device:CPU:1' -> '/CPU:1'."""
+    spec = tf.DeviceSpec.from_string(name)
+    return f"/{spec.device_type}:{spec.device_index or 0}"

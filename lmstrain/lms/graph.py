@@ -1,0 +1,134 @@
+"""Analysis of one traced training step: phases, topological levels and tensor sizes.
+
+The traced step is one flat graph. Ops created before the first ``gradient_tape/`` op are the
+forward pass (model, loss, metrics), ops up to the last ``gradient_tape/`` op are the backward
+pass (this range also catches the gradient-summing ``AddN`` ops, which have no scope), the rest
+apply the update. Levels form the categorised topological order of TFLMS v2: an op's level is
+the length of the longest path reaching it, over data and control edges.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from lmstrain.lms import tfgraph
+
+BACKWARD_SCOPE = "gradient_tape/"
+SHAPE_ONLY_TYPES = frozenset({"Shape", "ShapeN", "Size", "Rank"})
+FORWARD, BACKWARD, UPDATE = "forward", "backward", "update"
+
+
+@dataclass
+class StepGraph:
+    """The ops of a traced step with their phase and level, in creation order."""
+
+    graph: tf.Graph
+    ops: list
+    phase: dict
+    level: dict
+    useful: set
+    batch_size: int
+
+    @classmethod
+    def analyse(cls, graph, outputs=(), batch_size=1):
+        """Analyse every op of ``graph``; unknown batch dimensions count as ``batch_size``.
+
+        ``outputs`` are the tensors the step returns; together with the stateful ops (variable
+        updates) they decide which ops are useful rather than dead code Grappler will prune.
+        """
+        ops = sorted(graph.get_operations(), key=tfgraph.creation_index)
+        roots = [op for op in ops if op.op_def.is_stateful] + [t.op for t in outputs]
+        return cls(graph, ops, split_phases(ops), topological_levels(ops), ancestors(roots),
+                   batch_size)
+
+    @property
+    def has_backward(self):
+        return BACKWARD in self.phase.values()
+
+    @property
+    def n_levels(self):
+        return max(self.level.values(), default=-1) + 1
+
+    def tensor_bytes(self, tensor):
+        """Bytes of ``tensor``, or None when a dimension other than the batch is unknown."""
+        return tensor_bytes(tensor, self.batch_size)
+
+    def backward_ancestors(self, op):
+        """Backward-pass ops that ``op`` depends on, directly or not.
+
+        Forward ops never depend on backward ones, so the search stops at the forward pass.
+        """
+        seen, queue = set(), deque([op])
+        while queue:
+            for pred in predecessors(queue.popleft()):
+                if pred not in seen and self.phase.get(pred) == BACKWARD:
+                    seen.add(pred)
+                    queue.append(pred)
+        return seen
+
+
+def ancestors(ops):
+    """``ops`` and every op they depend on, directly or not."""
+    seen, queue = set(ops), deque(ops)
+    while queue:
+        for pred in predecessors(queue.popleft()):
+            if pred not in seen:
+                seen.add(pred)
+                queue.append(pred)
+    return seen
+
+
+def predecessors(op):
+    """Ops whose outputs or completion ``op`` waits for."""
+    return [t.op for t in op.inputs] + list(op.control_inputs)
+
+
+def split_phases(ops):
+    """Map each op to ``forward``, ``backward`` or ``update`` by creation order."""
+    backward = [tfgraph.creation_index(op) for op in ops if op.name.startswith(BACKWARD_SCOPE)]
+    if not backward:
+        return {op: FORWARD for op in ops}
+    first, last = min(backward), max(backward)
+    phase = {}
+    for op in ops:
+        index = tfgraph.creation_index(op)
+        phase[op] = FORWARD if index < first else BACKWARD if index <= last else UPDATE
+    return phase
+
+
+def topological_levels(ops):
+    """Longest-path level of each op (0 for ops without inputs), over data and control edges."""
+    members = set(ops)
+    pending = {op: {p for p in predecessors(op) if p in members} for op in ops}
+    successors = {op: set() for op in ops}
+    for op, preds in pending.items():
+        for pred in preds:
+            successors[pred].add(op)
+    level = {op: 0 for op in ops if not pending[op]}
+    queue = deque(level)
+    while queue:
+        op = queue.popleft()
+        for succ in successors[op]:
+            level[succ] = max(level.get(succ, 0), level[op] + 1)
+            pending[succ].discard(op)
+            if not pending[succ]:
+                queue.append(succ)
+    if any(pending.values()):
+        raise ValueError("the traced step contains a cycle; cannot order its ops")
+    return level
+
+
+def tensor_bytes(tensor, batch_size=1):
+    """Bytes of ``tensor``; an unknown first dimension counts as ``batch_size``."""
+    if tensor.shape.rank is None or tensor.dtype in (tf.resource, tf.variant, tf.string):
+        return None
+    dims = tensor.shape.as_list()
+    if dims and dims[0] is None:
+        dims[0] = batch_size
+    if any(d is None for d in dims):
+        return None
+    n = 1
+    for d in dims:
+        n *= d
+    return n * tensor.dtype.size

@@ -1,0 +1,286 @@
+"""The swap plan: which forward tensors go to the host, and when each comes back.
+
+A tensor is a candidate when a forward op on the compute device produces it and a backward op
+reads it. It is swapped when it is big enough, passes the type and scope filters, and has
+backward consumers more than ``swapout_threshold`` levels after its producer. Those consumers
+are grouped (``swapin_groupby`` levels) and each group gets one swap-in, triggered by a backward
+op ``swapin_ahead`` levels before the group's first consumer. In ``swapout`` sync mode the
+weight reads the forward pass needs next wait for the swap-out, so the original is freed early.
+Plans hold op names only, so they serialise to JSON and outlive the traced graph.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+from lmstrain.lms import devices
+from lmstrain.lms.graph import BACKWARD, FORWARD, SHAPE_ONLY_TYPES, ancestors, predecessors
+from lmstrain.lms.settings import SYNC_SWAPIN, SYNC_SWAPOUT
+
+# Outputs of these ops are inputs, variables or aliases: swapping them frees nothing.
+NEVER_SWAPPED_TYPES = frozenset({
+    "Const", "Placeholder", "PlaceholderWithDefault", "ReadVariableOp", "VarHandleOp",
+    "VariableV2", "Identity", "IdentityN", "IteratorGetNext", "OptionalGetValue",
+}) | SHAPE_ONLY_TYPES
+
+# Constants, aliases and metadata ops: useless or fragile (folded by Grappler) as triggers.
+NEVER_TRIGGER_TYPES = frozenset({
+    "Const", "Identity", "IdentityN", "Snapshot", "StopGradient", "Reshape", "Squeeze",
+    "ExpandDims", "BroadcastGradientArgs",
+}) | SHAPE_ONLY_TYPES
+
+
+@dataclass
+class SwapIn:
+    """One copy back to the compute device, shared by ``consumers``, started after ``trigger``."""
+
+    consumers: list
+    trigger: list
+    name: str = ""
+
+
+@dataclass
+class SwappedTensor:
+    tensor: str
+    producer: str
+    producer_type: str
+    shape: list
+    dtype: str
+    bytes: int
+    swap_ins: list
+    kept_consumers: list = field(default_factory=list)
+    wait_for_swap_out: list = field(default_factory=list)
+    swap_out: str = ""
+
+
+@dataclass
+class SkippedTensor:
+    tensor: str
+    producer: str
+    bytes: object
+    reason: str
+
+
+@dataclass
+class SwapPlan:
+    """What the rewrite did to one traced function."""
+
+    function: str
+    trace: int
+    compute_device: str
+    host_device: str
+    copy_mode: str
+    batch_size: int
+    batch_size_source: str
+    settings: dict
+    n_ops: int
+    n_levels: int
+    swapped: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def swapped_bytes(self):
+        return sum(s.bytes for s in self.swapped)
+
+    @property
+    def swap_nodes(self):
+        """Names of every swap-out and swap-in op."""
+        return [n for s in self.swapped for n in [s.swap_out] + [i.name for i in s.swap_ins]]
+
+    @property
+    def swap_ins(self):
+        return [i for s in self.swapped for i in s.swap_ins]
+
+    def totals(self):
+        return {
+            "swapped_tensors": len(self.swapped),
+            "swapped_bytes": self.swapped_bytes,
+            "swap_outs": len(self.swapped),
+            "swap_ins": len(self.swap_ins),
+            "skipped_tensors": len(self.skipped),
+        }
+
+    def summary(self):
+        """One line for the log, e.g. ``37 tensors swapped, 412.0 MiB/step``."""
+        return (f"{len(self.swapped)} tensors swapped, {self.swapped_bytes / 2**20:.1f} MiB/step"
+                f" ({len(self.swap_ins)} swap-ins, {len(self.skipped)} tensors skipped)")
+
+    def to_dict(self):
+        """JSON-serialisable form (for ``lms_plan.json``)."""
+        data = asdict(self)
+        data["totals"] = self.totals()
+        return data
+
+
+def make_plan(step, settings, compute_device, host_device, copy_mode, *, function, trace,
+              batch_size_source):
+    """Plan the swaps for ``step`` (a :class:`~lmstrain.lms.graph.StepGraph`)."""
+    plan = SwapPlan(function=function, trace=trace, compute_device=compute_device,
+                    host_device=host_device, copy_mode=copy_mode, batch_size=step.batch_size,
+                    batch_size_source=batch_size_source, settings=settings.to_dict(),
+                    n_ops=len(step.ops), n_levels=step.n_levels)
+    if not step.has_backward:
+        plan.notes.append("no backward pass found (no gradient_tape/ ops): nothing to swap")
+        return plan
+    forward = [op for op in step.ops if step.phase[op] == FORWARD]
+    plan.notes.extend(_unmatched_filters(settings, forward))
+    for op in forward:
+        for tensor in op.outputs:
+            backward = [c for c in _consumers(tensor)
+                        if step.phase.get(c) == BACKWARD and c in step.useful
+                        and c.type not in SHAPE_ONLY_TYPES]
+            if not backward:
+                continue
+            size = step.tensor_bytes(tensor)
+            reason = _skip_reason(op, size, settings, compute_device)
+            if reason is None:
+                reason = _plan_tensor(plan, step, tensor, backward, size, settings,
+                                      compute_device)
+            if reason is not None:
+                plan.skipped.append(SkippedTensor(tensor.name, op.name, size, reason))
+    return plan
+
+
+def _consumers(tensor):
+    """Distinct consumers of ``tensor`` in a stable order."""
+    return list(dict.fromkeys(tensor.consumers()))
+
+
+def _skip_reason(op, size, settings, compute_device):
+    if not devices.runs_on(op, compute_device):
+        return f"producer placed on {op.device}, not the compute device"
+    if op.type in NEVER_SWAPPED_TYPES:
+        return f"{op.type} output (input, variable or alias): swapping frees nothing"
+    if op.type in settings.exclude_types:
+        return f"op type {op.type} in exclude_types"
+    if _in_scopes(op.name, settings.exclude_scopes):
+        return "name in exclude_scopes"
+    if settings.include_types and op.type not in settings.include_types:
+        return f"op type {op.type} not in include_types"
+    if settings.include_scopes and not _in_scopes(op.name, settings.include_scopes):
+        return "name not in include_scopes"
+    if size is None:
+        return "size unknown (shape or dtype not static)"
+    if size < settings.min_tensor_bytes:
+        return f"{size} bytes < min_tensor_bytes {settings.min_tensor_bytes}"
+    return None
+
+
+def _plan_tensor(plan, step, tensor, backward, size, settings, compute_device):
+    """Add ``tensor`` to ``plan``; return the reason if it cannot be swapped."""
+    producer = tensor.op
+    near = [c for c in backward
+            if step.level[c] - step.level[producer] <= settings.swapout_threshold]
+    far = [c for c in backward if c not in near]
+    if not far:
+        return (f"every backward consumer is within swapout_threshold="
+                f"{settings.swapout_threshold} levels of the producer")
+    swap_ins, kept = [], [c.name for c in near]
+    for group in _group_by_level(step, far, settings.swapin_groupby):
+        trigger = _trigger(step, producer, group[0], settings, compute_device)
+        if trigger:
+            swap_ins.append(SwapIn([c.name for c in group], [t.name for t in trigger]))
+        else:
+            kept.extend(c.name for c in group)
+    if not swap_ins:
+        return (f"no backward op runs at least swapin_ahead={settings.swapin_ahead} levels "
+                f"before its consumers to trigger a swap-in")
+    waits = []
+    if settings.sync_mode in SYNC_SWAPOUT:
+        waits = [op.name for op in _swap_out_gates(step, tensor, compute_device)]
+    plan.swapped.append(SwappedTensor(
+        tensor=tensor.name, producer=producer.name, producer_type=producer.type,
+        shape=tensor.shape.as_list(), dtype=tensor.dtype.name, bytes=size, swap_ins=swap_ins,
+        kept_consumers=kept, wait_for_swap_out=waits))
+    return None
+
+
+def _swap_out_gates(step, tensor, compute_device, max_depth=8):
+    """Weight reads the forward pass needs soon after ``tensor``; they wait for its swap-out.
+
+    Gating the forward consumers themselves would give them control inputs, which stops
+    Grappler from fusing or re-associating them (e.g. MatMul+BiasAdd, Add trees) and changes
+    the numbers. Variable reads are never rewritten, so gating the reads of the consumers (or,
+    for consumers without weights, of their nearest weighted descendants) stalls the forward
+    pass until the swap-out is done without changing any result.
+    """
+    upstream = ancestors([tensor.op])  # a read the producer needs cannot wait for it
+    frontier = [c for c in _consumers(tensor) if step.phase.get(c) == FORWARD]
+    gates, seen = [], set(frontier)
+    for _ in range(max_depth):
+        for op in frontier:
+            for read in _weight_reads(op):
+                if (read not in gates and read not in upstream
+                        and devices.runs_on(read, compute_device)):
+                    gates.append(read)
+        if gates:
+            return gates
+        frontier = [c for op in frontier for t in op.outputs for c in _consumers(t)
+                    if step.phase.get(c) == FORWARD and c not in seen]
+        seen.update(frontier)
+    return gates
+
+
+def _weight_reads(op):
+    """ReadVariableOp ops feeding ``op`` directly or through a Cast."""
+    reads = []
+    for t in op.inputs:
+        source = t.op.inputs[0].op if t.op.type == "Cast" and t.op.inputs else t.op
+        if source.type == "ReadVariableOp":
+            reads.append(source)
+    return reads
+
+
+def _group_by_level(step, consumers, groupby):
+    """Split ``consumers`` into runs whose successive levels differ by at most ``groupby``."""
+    ordered = sorted(consumers, key=lambda op: (step.level[op], op.name))
+    groups = [[ordered[0]]]
+    for op in ordered[1:]:
+        if step.level[op] - step.level[groups[-1][-1]] <= groupby:
+            groups[-1].append(op)
+        else:
+            groups.append([op])
+    return groups
+
+
+def _trigger(step, producer, consumer, settings, compute_device):
+    """Ops the swap-in for ``consumer`` waits for, or [] if none qualifies.
+
+    Candidates are backward ops that ``consumer`` depends on and that run after ``producer``
+    (higher level), so the new edges keep the graph acyclic, and that do real work (Grappler
+    may fold a Reshape away and move its control edges). In ``swapin``/``both`` sync mode
+    they are the consumer's own inputs (swap in at the last moment); otherwise the one nearest
+    to ``swapin_ahead`` levels before the consumer.
+    """
+    floor = step.level[producer]
+    candidates = [op for op in step.backward_ancestors(consumer)
+                  if step.level[op] > floor and op in step.useful
+                  and op.type not in NEVER_TRIGGER_TYPES and devices.runs_on(op, compute_device)]
+    if settings.sync_mode in SYNC_SWAPIN:
+        inputs = set(candidates) & set(predecessors(consumer))
+        if inputs:
+            return sorted(inputs, key=lambda op: op.name)
+    target = step.level[consumer] - settings.swapin_ahead
+    eligible = [op for op in candidates if step.level[op] <= target]
+    if not eligible:
+        return []
+    return [min(eligible, key=lambda op: (-step.level[op], op.name))]
+
+
+def _in_scopes(name, scopes):
+    """True if a scope is a run of whole name components of ``name`` (``conv3d_1`` matches
+    ``functional_1/conv3d_1/Relu``)."""
+    path = f"/{name}/"
+    return any(f"/{s.strip('/')}/" in path for s in scopes)
+
+
+def _unmatched_filters(settings, forward):
+    notes = []
+    types = {op.type for op in forward}
+    missing = [t for t in settings.include_types if t not in types]
+    if missing:
+        notes.append(f"include_types {missing} match no forward op of this step")
+    scopes = [s for s in settings.include_scopes
+              if not any(_in_scopes(op.name, [s]) for op in forward)]
+    if scopes:
+        notes.append(f"include_scopes {scopes} match no forward op of this step")
+    return notes

@@ -1,0 +1,50 @@
+"""The only place that uses private TensorFlow APIs.
+
+Graph editing (``Operation._update_input``, ``_add_control_input``, ``_id``), the automatic
+control dependency skip-list, and the eager context's graph collection. All are stable across
+TF 2.x but undocumented; a TF upgrade should only need this module checked.
+"""
+
+import tensorflow as tf
+from tensorflow.python.eager import context
+from tensorflow.python.framework import auto_control_deps
+
+
+def creation_index(op):
+    """The order in which ``op`` was added to its graph."""
+    return op._id
+
+
+def replace_input(op, index, tensor):
+    """Make input ``index`` of ``op`` read ``tensor`` instead."""
+    op._update_input(index, tensor)
+
+
+def add_control_input(op, control_op):
+    """Make ``op`` wait for ``control_op``."""
+    op._add_control_input(control_op)
+
+
+def ignore_in_auto_control_deps(op_type):
+    """Stop tf.function from ordering stateful ``op_type`` ops among the other stateful ops.
+
+    ``DeepCopy`` is stateful; without this, automatic control dependencies chain the swap nodes
+    after the optimizer's variable updates and the traced step contains a cycle.
+    """
+    skipped = auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS
+    if op_type not in skipped:
+        auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS = frozenset(skipped | {op_type})
+
+
+def start_graph_collection():
+    """Record the graphs of functions instantiated from now on (see :func:`collect_graphs`)."""
+    context.context().enable_graph_collection()
+
+
+def collect_graphs():
+    """A ``RunMetadata`` with the function graphs recorded since the previous call."""
+    return context.context().export_run_metadata() or tf.compat.v1.RunMetadata()
+
+
+def stop_graph_collection():
+    context.context().disable_graph_collection()
