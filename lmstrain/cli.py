@@ -4,6 +4,7 @@ Exit status: 0 on success, 2 for input errors (config, flags, data location), 1 
 """
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -201,6 +202,73 @@ def predict(run_dir, input_dir, output_dir, overwrite):
 
     written = predict_folder(run_dir, input_dir, output_dir, overwrite)
     click.echo(f"Wrote {len(written)} segmentations to {output_dir}")
+
+
+@main.command()
+@config_options
+@click.option("--sizes", metavar="FROM:TO:STEP",
+              help="Largest edges to try, inclusive (shape keeps the configured aspect, each "
+                   "axis rounded down to the network's divisor). Default: half to four times "
+                   "the configured size in steps of the divisor.")
+@click.option("--batch-sizes", default=None, metavar="B1,B2,...",
+              help="Batch sizes (default: train.batch_size). With --fixed-size, the batch "
+                   "sizes to try.")
+@click.option("--lms", "lms_setting", type=click.Choice(["off", "on", "both"]), default="both",
+              show_default=True, help="Sweep without swapping, with it, or both.")
+@click.option("--device-memory", metavar="SIZE[,SIZE...]",
+              help="Memory budget(s), e.g. 16GiB or 256MiB,512MiB (MiB, GiB, MB, GB). "
+                   "Default: lms.device_memory.")
+@click.option("--mode", type=click.Choice(["measure", "simulate"]), default="measure",
+              show_default=True,
+              help="measure: real training trials in subprocesses; simulate: the memory "
+                   "simulator only.")
+@click.option("--fixed-size", type=click.IntRange(1), metavar="S",
+              help="Find the largest batch at this largest edge instead of the largest size.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder (default: <output.root>/maxres-<name>-<timestamp>).")
+@click.option("--resume", is_flag=True, help="Continue the sweep in --out, skipping finished "
+                                              "trials.")
+@click.option("--timeout", default=900, show_default=True, type=click.FloatRange(1),
+              help="Seconds before a trial counts as timeout.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the results as JSON.")
+def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_size, out_dir,
+           resume, timeout, as_json):
+    """Find the largest trainable image size (or batch) per memory budget.
+
+    For each budget, batch size and swap setting, searches the largest shape that trains at
+    least two real steps on random tensors (no data needed), and confirms it by a failing
+    trial one step larger. Each trial runs in a fresh subprocess with a timeout. On a GPU the
+    budget is imposed by a logical device memory limit; on CPU by capping TensorFlow's
+    allocator (without swapping) or by the compute device's measured share (with swapping).
+    Writes results.json, results.csv and plots to the output folder; --resume continues an
+    interrupted sweep.
+
+    \b
+    Examples:
+      lmstrain maxres configs/demo.yaml --device-memory 256MiB --sizes 32:128:8
+      lmstrain maxres configs/brats2021_isensee.yaml --mode simulate \\
+          --device-memory 16GiB,32GiB,40GiB,80GiB --batch-sizes 1,2
+      lmstrain maxres configs/demo.yaml --device-memory 256MiB --fixed-size 48 \\
+          --batch-sizes 1,2,4,8
+    """
+    from tqdm import tqdm
+
+    from lmstrain.sweep import Sweep, SweepOptions, default_out_dir, format_table
+
+    if resume and not out_dir:
+        raise click.UsageError("--resume needs --out DIR: the sweep folder to continue")
+    options = SweepOptions.parse(config, sizes=sizes, batch_sizes=batch_sizes,
+                                 lms=lms_setting, device_memory=device_memory, mode=mode,
+                                 fixed_size=fixed_size, timeout_s=timeout)
+    sweep = Sweep(config, options, out_dir or default_out_dir(config), resume)
+    with tqdm(total=sweep.n_searches, desc="Searching", unit="search",
+              disable=True if as_json else None) as bar:
+        results = sweep.run(progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        click.echo(format_table(results["summary"]))
+        click.echo(f"Results: {sweep.out_dir}")
 
 
 @main.group("data")

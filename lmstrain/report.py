@@ -43,6 +43,42 @@ def plot_scores(rows, path):
     save_figure(fig, path)
 
 
+def plot_maxres(summary, path):
+    """Largest trainable voxels vs device memory, one line per (batch, swapping) setting."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    settings = sorted({(row["batch"] or 0, row["lms"]) for row in summary})
+    for batch, swap in settings:
+        rows = sorted((r for r in summary if (r["batch"] or 0) == batch and r["lms"] == swap),
+                      key=lambda r: r["device_memory_bytes"])
+        ax.plot([r["device_memory_bytes"] / 2**30 for r in rows],
+                [r["max_voxels"] or 0 for r in rows], "o-" if swap else "s--",
+                label=f"{'with' if swap else 'without'} swapping"
+                      + (f", batch {batch}" if batch else ""))
+    ax.set(xlabel="device memory (GiB)", ylabel="largest trainable voxels",
+           title="Largest trainable size")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_step_times(trials, path):
+    """Step time of each successful trial vs its largest edge, with and without swapping."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for swap in (False, True):
+        ok = sorted((t for t in trials if t["lms"] == swap and t["status"] == "ok"
+                     and t.get("step_time_s")), key=lambda t: (t["batch"], t["size"]))
+        for batch in sorted({t["batch"] for t in ok}):
+            points = [t for t in ok if t["batch"] == batch]
+            ax.plot([t["size"] for t in points], [t["step_time_s"] for t in points],
+                    "o-" if swap else "s--",
+                    label=f"{'with' if swap else 'without'} swapping, batch {batch}")
+    ax.set(xlabel="largest edge (voxels)", ylabel="step time (s)", title="Step time")
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def save_figure(fig, path):
     """Save ``fig`` to ``path`` atomically and close it."""
     with atomic_path(path) as tmp:

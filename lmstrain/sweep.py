@@ -7,9 +7,23 @@ shape that trains *and* has seen the next larger one fail. Every trial is stored
 under ``<out>/trials/``, so an interrupted sweep resumes without redoing finished trials.
 """
 
-from dataclasses import asdict, dataclass, field
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from math import prod
+from pathlib import Path
 
+from datetime import datetime
+
+from lmstrain.atomic import atomic_path, write_text
 from lmstrain.errors import UserError
+from lmstrain.model.unet3d import divisor
+from lmstrain.report import plot_maxres, plot_step_times
+from lmstrain.units import format_bytes, parse_bytes
 
 STATUSES = ("ok", "oom", "crash", "timeout")
 
@@ -131,3 +145,212 @@ def search_largest(candidates, run, start=0):
         if attempt(index):
             return index, trials
     return None, trials
+
+
+# --- running a sweep ------------------------------------------------------------------------
+
+@dataclass
+class SweepOptions:
+    """What ``lmstrain maxres`` sweeps; see its ``--help``."""
+
+    sizes: list
+    batch_sizes: list
+    lms: list
+    budgets: list
+    mode: str = "measure"
+    fixed_size: int = None
+    timeout_s: float = 900.0
+
+    @classmethod
+    def parse(cls, config, sizes=None, batch_sizes=None, lms="both", device_memory=None,
+              mode="measure", fixed_size=None, timeout_s=900.0):
+        """Options from command-line strings; defaults come from ``config``."""
+        step = divisor(config.model.depth)
+        largest = max(config.data.shape)
+        if sizes is None:
+            sizes = f"{max(step, largest // 2 // step * step)}:{4 * largest}:{step}"
+        if device_memory is None:
+            if config.lms.device_memory is None:
+                raise UserError("pass --device-memory (e.g. 16GiB or 256MiB,512MiB) or set "
+                                "lms.device_memory in the config")
+            budgets = [config.lms.device_memory]
+        else:
+            try:
+                budgets = sorted({parse_bytes(v) for v in str(device_memory).split(",")})
+            except UserError as err:
+                raise UserError(f"--device-memory: {err}") from None
+        if not all(budgets):
+            raise UserError("--device-memory must be larger than zero")
+        return cls(sizes=parse_sizes(sizes),
+                   batch_sizes=parse_int_list(batch_sizes or str(config.train.batch_size),
+                                              "--batch-sizes"),
+                   lms={"off": [False], "on": [True], "both": [False, True]}[lms],
+                   budgets=budgets, mode=mode, fixed_size=fixed_size, timeout_s=timeout_s)
+
+
+def default_out_dir(config):
+    """``<output.root>/maxres-<output.name>-<timestamp>``."""
+    return Path(config.output.root) / f"maxres-{config.output.name or 'run'}-" \
+        f"{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def format_table(summary):
+    """The summary as a text table, with the with/without voxel ratio per budget and batch."""
+    header = (f"{'budget':>10} {'batch':>5} {'swap':>4} {'max size':>8} {'shape':>14} "
+              f"{'voxels':>12} {'ratio':>6}  limited by")
+    lines = [header, "-" * len(header)]
+    for row in summary:
+        off = next((r for r in summary if not r["lms"] and r["batch"] == row["batch"]
+                    and r["device_memory_bytes"] == row["device_memory_bytes"]), None)
+        ratio = (f"{row['max_voxels'] / off['max_voxels']:.2f}x"
+                 if row["lms"] and off and off["max_voxels"] and row["max_voxels"] else "")
+        shape = "x".join(map(str, row["max_shape"])) if row["max_shape"] else "-"
+        batch = row.get("max_batch", row["batch"])
+        lines.append(f"{format_bytes(row['device_memory_bytes']):>10} {batch!s:>5} "
+                     f"{'on' if row['lms'] else 'off':>4} {row['max_size'] or '-':>8} "
+                     f"{shape:>14} {row['max_voxels'] or '-':>12} {ratio:>6}  "
+                     f"{row['limited_by'] or ''}")
+    return "\n".join(lines)
+
+
+class Sweep:
+    """One sweep's output folder: trial files, results.json, results.csv and plots."""
+
+    def __init__(self, config, options, out_dir, resume=False):
+        self.config, self.options, self.out_dir = config, options, Path(out_dir)
+        self.trial_dir = self.out_dir / "trials"
+        if self.trial_dir.exists() and any(self.trial_dir.iterdir()) and not resume:
+            raise UserError(f"{self.out_dir} already holds a sweep; pass --resume to continue it "
+                            "or choose another --out")
+        self.trial_dir.mkdir(parents=True, exist_ok=True)
+        self.trials, self.summary = [], []
+        self.divisor = divisor(config.model.depth)
+
+    @property
+    def n_searches(self):
+        o = self.options
+        return len(o.budgets) * (1 if o.fixed_size else len(o.batch_sizes)) * len(o.lms)
+
+    def run(self, progress=None):
+        """Search every (budget, batch, lms) combination; return the results dict."""
+        o = self.options
+        batches = [None] if o.fixed_size else o.batch_sizes
+        for budget in o.budgets:
+            for batch in batches:
+                for swap in o.lms:
+                    self.summary.append(self._search(budget, batch, swap))
+                    self._write()
+                    if progress:
+                        progress()
+        plot_maxres(self.summary, self.out_dir / "max_voxels.png")
+        plot_step_times([t.to_dict() for t in self.trials], self.out_dir / "step_time.png")
+        return self.results()
+
+    def _search(self, budget, batch, swap):
+        o = self.options
+        if o.fixed_size:
+            ((size, shape),) = scaled_shapes(self.config.data.shape, [o.fixed_size], self.divisor)
+            specs = [TrialSpec(shape, b, swap, budget) for b in o.batch_sizes]
+        else:
+            specs = [TrialSpec(shape, batch, swap, budget)
+                     for _edge, shape in scaled_shapes(self.config.data.shape, o.sizes,
+                                                       self.divisor)]
+        best, trials = search_largest(specs, self._trial, self._seed(specs))
+        self.trials.extend(t for t in trials if t not in self.trials)
+        row = {"device_memory_bytes": budget, "batch": batch, "lms": swap,
+               "max_size": None, "max_shape": None, "max_voxels": None,
+               "limited_by": self._limited_by(specs, best, trials)}
+        if best is not None:
+            spec = specs[best]
+            row.update(max_size=spec.size, max_shape=list(spec.shape),
+                       max_voxels=int(prod(spec.shape)))
+            if o.fixed_size:
+                row["max_batch"] = spec.batch
+        return row
+
+    def _seed(self, specs):
+        """Index of the candidate to try first: the simulator's largest fitting one."""
+        predictions = [self._predicted(spec) for spec in specs]
+        fitting = [i for i, p in enumerate(predictions) if p is not None and p <= specs[i].device_memory_bytes]
+        return fitting[-1] if fitting else 0
+
+    def _predicted(self, spec):
+        return None
+
+    def _trial(self, spec):
+        path = self.trial_dir / f"{spec.key}.json"
+        if path.exists():
+            return Trial(**json.loads(path.read_text()))
+        trial = run_trial_process(self.config, spec, self.trial_dir, self.options.timeout_s)
+        trial.predicted_peak_bytes = self._predicted(spec)
+        write_text(path, json.dumps(trial.to_dict(), indent=2) + "\n")
+        return trial
+
+    def _limited_by(self, specs, best, trials):
+        failed = [t for t in trials if not t.ok]
+        if best is not None and best == len(specs) - 1:
+            return "size range" if not self.options.fixed_size else "batch range"
+        if not failed:
+            return None
+        status = failed[-1].status if best is None else next(
+            t.status for t in trials if t.shape == list(specs[best + 1].shape)
+            and t.batch == specs[best + 1].batch)
+        return {"oom": "device memory", "crash": "crash", "timeout": "timeout"}[status]
+
+    def results(self):
+        return {"config": self.config.to_dict(), "options": asdict(self.options),
+                "trials": [t.to_dict() for t in self.trials], "summary": self.summary}
+
+    def _write(self):
+        results = self.results()
+        write_text(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        columns = [f.name for f in fields(Trial) if f.name != "extra"]
+        with atomic_path(self.out_dir / "results.csv") as tmp, tmp.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for trial in results["trials"]:
+                writer.writerow({**trial, "shape": "x".join(map(str, trial["shape"]))})
+
+
+def run_trial_process(config, spec, work_dir, timeout_s):
+    """Run one trial in a fresh Python process; classify how it ended."""
+    from lmstrain import trial as trial_module
+
+    spec_dict = {"config": config.to_dict(), "shape": list(spec.shape), "batch": spec.batch,
+                 "lms": spec.lms, "device_memory_bytes": spec.device_memory_bytes}
+    spec_path = work_dir / f".{spec.key}.spec.json"
+    result_path = work_dir / f".{spec.key}.result.json"
+    write_text(spec_path, json.dumps(spec_dict))
+    env = {**os.environ, **trial_module.environment(spec_dict, gpu=_has_gpu())}
+    base = {"shape": list(spec.shape), "size": spec.size, "batch": spec.batch, "lms": spec.lms,
+            "device_memory_bytes": spec.device_memory_bytes}
+    try:
+        child = subprocess.run([sys.executable, "-m", "lmstrain.trial", str(spec_path),
+                                str(result_path)], env=env, timeout=timeout_s,
+                               capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return Trial(**base, status="timeout", reason=f"no result within {timeout_s:.0f} s")
+    finally:
+        spec_path.unlink(missing_ok=True)
+    if not result_path.exists():
+        return Trial(**base, status="crash", reason=_death(child))
+    result = json.loads(result_path.read_text())
+    result_path.unlink()
+    extra = {k: result.pop(k) for k in list(result) if k not in {f.name for f in fields(Trial)}}
+    return Trial(**base, **result, extra=extra)
+
+
+def _death(child):
+    """How a child that wrote no result ended: its signal or exit status, and its last words."""
+    code = child.returncode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    noise = ("I0000", "W0000", "E0000", "WARNING: All log", "To enable the following")
+    lines = [line.strip() for line in (child.stderr or "").splitlines()
+             if line.strip() and not line.startswith(noise)]
+    return f"{how}: {' | '.join(lines[-2:])}"[:500] if lines else how
+
+
+def _has_gpu():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))

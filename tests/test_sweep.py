@@ -1,0 +1,131 @@
+"""maxres: the search (pure), real trial subprocesses, resume, and the command's errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lmstrain.cli import main
+from lmstrain.config import config_from_dict
+from lmstrain.errors import UserError
+from lmstrain.sweep import (Sweep, SweepOptions, Trial, TrialSpec, parse_sizes,
+                            run_trial_process, scaled_shapes, search_largest)
+
+
+def fake_runner(limit, log):
+    """Trials pass up to ``limit`` (inclusive), like a real device with fixed memory."""
+    def run(candidate):
+        log.append(candidate)
+        return Trial(shape=[candidate] * 3, size=candidate, batch=1, lms=False,
+                     device_memory_bytes=1, status="ok" if candidate <= limit else "oom")
+    return run
+
+
+@pytest.mark.parametrize("start", [0, 2, 5, 9])
+def test_search_finds_the_limit_from_any_start_and_confirms_it(start):
+    sizes = list(range(16, 176, 16))          # 16 .. 160
+    log = []
+    best, trials = search_largest(sizes, fake_runner(96, log), start)
+    assert sizes[best] == 96
+    assert 112 in log and all(t.ok == (t.size <= 96) for t in trials)  # one step above failed
+    assert len(log) == len(set(log))
+
+
+def test_search_with_a_good_seed_needs_two_trials():
+    log = []
+    best, _ = search_largest([16, 32, 48, 64], fake_runner(32, log), start=1)
+    assert best == 1 and log == [32, 48]
+
+
+def test_search_when_nothing_or_everything_fits():
+    assert search_largest([16, 32], fake_runner(8, []), 1)[0] is None
+    log = []
+    best, _ = search_largest([16, 32], fake_runner(999, log), 0)
+    assert best == 1 and log == [16, 32]      # nothing above the range to confirm with
+    assert search_largest([], fake_runner(1, []), 0) == (None, [])
+
+
+def test_sizes_keep_the_aspect_and_round_to_the_divisor():
+    assert parse_sizes("64:128:32") == [64, 96, 128]
+    assert parse_sizes("80") == [80]
+    assert scaled_shapes((160, 192, 128), [96, 192], 16) == [
+        (96, (80, 96, 64)), (192, (160, 192, 128))]
+    assert scaled_shapes((64, 64, 32), [20, 24], 16) == [(16, (16, 16, 16))]  # deduplicated
+    for bad in ("64:32:16", "0:64:16", "64:128:0", "a:b:c", "1:2:3:4"):
+        with pytest.raises(UserError, match="--sizes"):
+            parse_sizes(bad)
+
+
+@pytest.fixture
+def tiny():
+    return config_from_dict({"model": {"base_filters": 4, "depth": 3},
+                             "data": {"shape": [16, 16, 16]}, "train": {"batch_size": 1}})
+
+
+def test_real_trials_pass_and_run_out_of_memory_in_the_child(tiny, tmp_path):
+    ok = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, False, 256 * 2**20), tmp_path, 600)
+    assert ok.status == "ok", ok.reason
+    assert 0 < ok.measured_peak_bytes < 256 * 2**20 and ok.step_time_s > 0
+    assert ok.source == "cpu-capped"
+    oom = run_trial_process(tiny, TrialSpec((64, 64, 64), 1, False, 64 * 2**20), tmp_path, 600)
+    assert oom.status == "oom"
+    assert oom.reason.startswith("ResourceExhaustedError: OOM when allocating")
+    assert not list(tmp_path.iterdir())  # spec and result files cleaned up
+
+
+def test_resume_reuses_finished_trials(tiny, tmp_path):
+    options = SweepOptions(sizes=[16, 24, 32], batch_sizes=[1], lms=[False],
+                           budgets=[2**30])
+    sweep = Sweep(tiny, options, tmp_path / "sweep")
+    # Trials an interrupted sweep finished. The recorded outcome at 24^3 ("oom" at 1 GiB)
+    # is not what a real trial would give, so the summary shows they were reused.
+    for size, status in ((16, "ok"), (24, "oom")):
+        spec = TrialSpec((size,) * 3, 1, False, 2**30)
+        trial = Trial(shape=[size] * 3, size=size, batch=1, lms=False,
+                      device_memory_bytes=2**30, status=status, source="cpu-capped")
+        (sweep.trial_dir / f"{spec.key}.json").write_text(json.dumps(trial.to_dict()))
+    with pytest.raises(UserError, match="already holds a sweep; pass --resume"):
+        Sweep(tiny, options, tmp_path / "sweep")
+    results = Sweep(tiny, options, tmp_path / "sweep", resume=True).run()
+    assert results["summary"] == [{
+        "device_memory_bytes": 2**30, "batch": 1, "lms": False, "max_size": 16,
+        "max_shape": [16, 16, 16], "max_voxels": 4096, "limited_by": "device memory"}]
+    assert [t["size"] for t in results["trials"]] == [16, 24]
+    saved = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert saved["summary"] == results["summary"]
+    header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("shape,size,batch,lms,device_memory_bytes,status,reason")
+    assert (tmp_path / "sweep" / "max_voxels.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "128:64:16", "--device-memory", "1GiB"],
+     "--sizes 128:64:16: need 0 < FROM <= TO and STEP > 0"),
+    (["--sizes", "big", "--device-memory", "1GiB"], "--sizes expects FROM:TO:STEP"),
+    (["--batch-sizes", "1,0", "--device-memory", "1GiB"],
+     "--batch-sizes expects comma-separated positive integers"),
+    (["--device-memory", "lots"], "--device-memory: expected a size such as 16GiB"),
+    ([], "pass --device-memory"),
+])
+def test_bad_ranges_exit_2_with_a_clear_message(tmp_path, args, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {depth: 3}\n")
+    result = CliRunner().invoke(main, ["maxres", str(config), "--out", str(tmp_path / "o"),
+                                       *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_child_that_dies_is_a_crash_and_a_slow_one_a_timeout(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    from lmstrain.sweep import _death
+
+    child = subprocess.run([sys.executable, "-c", "import os, signal, sys; "
+                            "print('last words', file=sys.stderr); "
+                            "os.kill(os.getpid(), signal.SIGSEGV)"],
+                           capture_output=True, text=True)
+    assert _death(child) == "killed by SIGSEGV: last words"
+    slow = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, False, 2**30), tmp_path, 1)
+    assert slow.status == "timeout" and slow.reason == "no result within 1 s"
