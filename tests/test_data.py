@@ -121,3 +121,20 @@ def test_pipeline_batches_and_flips_image_and_labels_together(brats2021_root, tm
     assert flipped_seen > 0
     val = make_dataset(cases, cache, 3, training=False)
     assert [b[0].shape[0] for b in val] == [3, 1]
+
+
+def test_n4_removes_a_smooth_bias_field():
+    from lmstrain.data.preprocess import n4_correct
+
+    rng = np.random.default_rng(0)
+    grid = np.indices((40, 40, 40)).astype(np.float32) / 40
+    brain = ((grid - 0.5) ** 2).sum(0) < 0.16
+    tissue = np.where(brain, 100.0, 0.0) + rng.normal(0, 1, brain.shape) * brain
+    bias = np.exp(0.4 * (grid[0] - 0.5) + 0.3 * (grid[2] - 0.5))
+    image = np.stack([tissue * bias] * 4, axis=-1).astype(np.float32)
+    corrected = n4_correct(image)
+
+    def spread(volume):  # coefficient of variation inside the uniform tissue
+        return volume[brain].std() / volume[brain].mean()
+
+    assert spread(corrected[..., 0]) < 0.5 * spread(image[..., 0])
