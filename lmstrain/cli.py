@@ -4,6 +4,7 @@ Exit status: 0 on success, 2 for input errors (config, flags, data location), 1 
 """
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ def config_options(command):
     def wrapper(config_path, overrides, **kwargs):
         from lmstrain.config import load_config
 
+        if "overrides" in inspect.signature(command).parameters:
+            kwargs["overrides"] = overrides
         return command(config=load_config(config_path, overrides), **kwargs)
 
     return wrapper
@@ -119,7 +122,7 @@ def synth(out_dir, cases, shape, seed, naming):
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue this run directory from its last finished epoch, with its own "
                    "config (only --set train.epochs=N may change it). CONFIG is ignored.")
-def fit(config, resume_dir):
+def fit(config, resume_dir, overrides):
     """Train the network described by CONFIG.
 
     Creates a new run directory <output.root>/<output.name>-<timestamp>/ with the resolved
@@ -136,7 +139,6 @@ def fit(config, resume_dir):
     from lmstrain import train
 
     if resume_dir:
-        overrides = click.get_current_context().params.get("overrides", ())
         result = train.resume(resume_dir, overrides)
     else:
         result = train.fit(config)
