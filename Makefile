@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms
+.PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ bench-pipeline: install
 
 bench-lms: install
 	$(BIN)/python scripts/lms_effect.py
+
+bench-sim: install
+	$(BIN)/python scripts/validate_simulator.py --out bench/results/simulator_accuracy.json
 
 clean-demo:
 	rm -rf demo_data runs/demo-*

@@ -273,6 +273,65 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
         click.echo(f"Results: {sweep.out_dir}")
 
 
+class ByteSize(click.ParamType):
+    """A size such as 16GiB, 512MiB, 40GB or a number of bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from lmstrain.errors import UserError
+        from lmstrain.units import parse_bytes
+
+        try:
+            size = parse_bytes(value)
+        except UserError as error:
+            self.fail(str(error), param, ctx)
+        if size <= 0:
+            self.fail(f"expected a positive size such as 16GiB, got {value!r}", param, ctx)
+        return size
+
+
+@main.command()
+@config_options
+@click.option("--size", type=click.IntRange(1), metavar="S",
+              help="Scale the configured shape so its largest edge is S (each axis rounded "
+                   "down to the network's divisor). Default: data.shape.")
+@click.option("--batch", type=click.IntRange(1), help="Batch size (default: train.batch_size).")
+@click.option("--device-memory", type=ByteSize(), metavar="SIZE",
+              help="Device memory budget, e.g. 16GiB (MiB, GiB, MB, GB). Default: "
+                   "lms.device_memory, else the GPU's.")
+@click.option("--host-memory", type=ByteSize(), metavar="SIZE",
+              help="Host memory for swapped tensors (default: this machine's RAM).")
+@click.option("--executor", type=click.Choice(["cpu", "gpu"]),
+              help="Whose execution order to emulate (default: this machine's: gpu when "
+                   "TensorFlow sees one).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the report as JSON.")
+def plan(config, size, batch, device_memory, host_memory, executor, as_json):
+    """Predict device memory for CONFIG and the largest size that fits, without training.
+
+    Traces one training step (no data needed) and simulates its memory: weights, optimizer
+    state, gradients, activations, the peak op, the peak without and with swapping (the
+    settings fit would use), the physical bound (the least any swap plan can reach), the
+    host memory swapped tensors need. Given a device memory budget, searches the largest
+    input size without and with auto-tuned swapping and says what stops growth: device
+    memory, a single op, the 2^31-1 element limit, or host memory.
+
+    \b
+    Examples:
+      lmstrain plan configs/brats2021_isensee.yaml --device-memory 16GiB
+      lmstrain plan configs/demo.yaml --size 96 --batch 1 --device-memory 1GiB --json
+    """
+    from lmstrain.lms.capacity import capacity, format_capacity
+
+    report = capacity(config, size, batch, device_memory, host_memory, executor)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    name = click.get_current_context().params.get("config_path", "")
+    for line in format_capacity(report, name):
+        click.echo(line)
+
+
 @main.group("data")
 def data_group():
     """Inspect datasets before training (see `lmstrain data check --help`)."""

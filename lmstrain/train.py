@@ -3,11 +3,13 @@
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 import yaml
 
 from lmstrain.callbacks import EpochProgress, RunRecorder
@@ -18,7 +20,9 @@ from lmstrain.data.pipeline import make_dataset, prepare_cases
 from lmstrain.data.preprocess import Settings
 from lmstrain.data.split import load_split, save_split, split_cases
 from lmstrain.errors import RunError, UserError
+from lmstrain import memcheck
 from lmstrain.lms import LMS, split_cpu
+from lmstrain.lms.sizing import physical_memory
 from lmstrain.model import build_model
 from lmstrain.model.losses import make_loss
 from lmstrain.model.metrics import region_metrics
@@ -77,19 +81,22 @@ def resume(run_dir, overrides=()):
 
 
 def prepare_devices(config):
-    """Before TensorFlow starts its devices: on a CPU-only machine with swapping on, split the
-    CPU into a compute device (/CPU:0) and a host (/CPU:1) so the swap rewrite can run."""
-    if config.lms.enabled is True:
+    """Before TensorFlow starts its devices, when swapping is on or may be (``auto``): on a
+    CPU-only machine, split the CPU into a compute device (/CPU:0) and a host (/CPU:1) so the
+    swap rewrite can run; with a GPU, let TensorFlow's pinned host allocator use all of this
+    machine's RAM for swapped tensors (``TF_GPU_HOST_MEM_LIMIT_IN_MB``, default 64 GiB) unless
+    it is set already."""
+    if config.lms.enabled is False:
+        return
+    if tf.config.list_physical_devices("GPU"):
+        os.environ.setdefault("TF_GPU_HOST_MEM_LIMIT_IN_MB", str(physical_memory() // 2**20))
+    else:
         split_cpu()
 
 
-def lms_callback(config):
-    """The swap callback configured by ``config.lms``, or None when swapping is off."""
-    if config.lms.enabled == "auto":
-        log.warning("lms.enabled: auto is not available yet (it needs the memory simulator); "
-                    "training without swapping. Set lms.enabled: true to swap.")
-        return None
-    if not config.lms.enabled:
+def lms_callback(config, swap):
+    """The swap callback configured by ``config.lms`` when ``swap``, else None."""
+    if not swap:
         return None
     settings = dataclasses.asdict(config.lms)
     del settings["enabled"]
@@ -118,6 +125,7 @@ def compile_model(model, config, steps_per_epoch):
 
 def _train(config, files, train_cases, val_cases):
     started = time.time()
+    memory = memcheck.check(config)
     keras.utils.set_random_seed(config.train.seed)
     cache = volume_cache(config)
     t = config.train
@@ -153,11 +161,14 @@ def _train(config, files, train_cases, val_cases):
     ]
     if t.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=10))
-    swap = lms_callback(config)
+    swap = lms_callback(config, memory.swap)
     if swap:
         callbacks.append(swap)
+    device = f"/{memory.device}"
+    memcheck.reset_peak(device)
     model.fit(train_ds, epochs=t.epochs, initial_epoch=recorder.epochs_completed,
               steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks, verbose=0)
+    recorder.summary["memory"] = memory.record(*memcheck.measured_peak(device))
     if swap:
         files.write_json("lms_plan.json", swap.plan_report())
         recorder.summary["lms"] = {"active": swap.active,

@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # Must be set before TensorFlow is imported; trial subprocesses inherit them.
@@ -26,7 +25,8 @@ os.environ.update(ENV)
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from lmstrain.lms import LMS, devices, measure, record_graphs, split_cpu, verify_swaps  # noqa: E402
+from lmstrain.lms import LMS, measure, record_graphs, split_cpu, verify_swaps  # noqa: E402
+from lmstrain.lms.trial_memory import StepProbe, profiled_peaks  # noqa: E402
 from lmstrain.model.losses import DiceLoss  # noqa: E402
 from lmstrain.model.unet3d import isensee2017  # noqa: E402
 
@@ -71,29 +71,18 @@ def trial(size, swap, sync_mode, logdir):
         model.fit(x, y, batch_size=MODEL["batch_size"], epochs=1, shuffle=False, verbose=0,
                   callbacks=[lms, probe] if swap else [probe])
     graphs = recorded.run_metadata
-    placement = measure.op_devices(graphs)
-
-    def on_compute(op):
-        return op in placement and devices.same(placement[op], "/CPU:0")
-
-    space = measure.load_xspace(logdir)
-    buffers = measure.buffers(space)
-    peak = measure.device_peak(buffers, on_compute)
-    uncounted = [b for b in buffers if not on_compute(b.op)]
-    runs = measure.op_runs(space)
+    peaks = profiled_peaks(logdir, graphs, "/CPU:0")
+    runs = measure.op_runs(measure.load_xspace(logdir))
     timed = probe.times[WARMUP_STEPS:WARMUP_STEPS + TIMED_STEPS]
     result = {
         "step_time_s": statistics.median(timed),
         "step_times_s": timed,
-        "device_peak_bytes": peak.peak_bytes,
-        "device_peak_allocation_bytes": peak.peak_allocation_bytes,
-        "peak_at_op": _op_at(runs, peak.peak_time_ps),
-        "live_at_peak": peak.top(8),
-        "device_plus_host_peak_bytes": measure.device_peak(buffers, lambda op: True).peak_bytes,
-        "buffers_not_counted": {
-            "swap_out_host_copies": sum("/lms/" in b.op for b in uncounted),
-            "other": sum("/lms/" not in b.op for b in uncounted),
-        },
+        "device_peak_bytes": peaks["step_peak_bytes"],
+        "device_peak_allocation_bytes": peaks["step_peak_allocation_bytes"],
+        "peak_at_op": peaks["peak_at_op"],
+        "live_at_peak": peaks["live_at_peak"],
+        "device_plus_host_peak_bytes": peaks["device_plus_host_peak_bytes"],
+        "buffers_not_counted": peaks["buffers_not_counted"],
     }
     if swap:
         plan, check = [(p, c) for p, c in zip(lms.plans, verify_swaps(graphs, lms.plans))
@@ -107,30 +96,6 @@ def trial(size, swap, sync_mode, logdir):
                                               f"{len(plan.swap_ins)}",
         })
     return result
-
-
-def _op_at(runs, time_ps):
-    """The op running at ``time_ps`` (or the last one that started before)."""
-    before = [r for r in runs if r.start_ps <= time_ps]
-    return before[-1].name if before else None
-
-
-class StepProbe(keras.callbacks.Callback):
-    """Times every step and profiles step ``profile_step``."""
-
-    def __init__(self, profile_step, logdir):
-        super().__init__()
-        self.profile_step, self.logdir, self.times = profile_step, logdir, []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == self.profile_step:
-            tf.profiler.experimental.start(self.logdir)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-        if batch == self.profile_step:
-            tf.profiler.experimental.stop()
 
 
 def run_trial_subprocess(size, swap, sync_mode):

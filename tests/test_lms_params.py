@@ -27,8 +27,7 @@ from lmstrain.lms import LMS
     ({"compute_device": 0}, "LMS compute_device must be a device name"),
     ({"device_memory": -1},
      "LMS device_memory must be a positive number of bytes or None; got -1."),
-    ({"autotune": True}, "LMS autotune=True is not available yet: it needs lmstrain's memory "
-                         "simulator."),
+    ({"autotune": "yes"}, "LMS autotune must be one of True, False; got 'yes'."),
     ({"verify": "yes"}, "LMS verify must be one of True, False; got 'yes'."),
 ])
 def test_bad_parameters_are_refused(kwargs, message):

@@ -7,12 +7,15 @@ import sys
 import keras
 import tensorflow as tf
 
-from lmstrain.lms import devices, tfgraph
+from lmstrain.lms import autotune as tuning
+from lmstrain.lms import dataflow, devices, tfgraph
 from lmstrain.lms.graph import StepGraph
 from lmstrain.lms.plan import make_plan
 from lmstrain.lms.rewrite import apply_plan
 from lmstrain.lms.settings import COPY_MODES, LMSParameterError, SwapSettings, check_choice
+from lmstrain.lms.simulate import resident_variables, trainable_bytes
 from lmstrain.lms.verify import verify_swaps
+from lmstrain.units import format_bytes
 
 log = logging.getLogger("lmstrain.lms")
 
@@ -46,15 +49,21 @@ class LMS(keras.callbacks.Callback):
             split by :func:`lmstrain.lms.split_cpu`, else /CPU:0.
         compute_device: where the model runs; None = the first GPU, else the first CPU.
             When it is the host device, the callback says so and leaves the graph alone.
-        autotune: choose the swap settings with the memory simulator (not available yet).
-        device_memory: the device's memory budget in bytes (for auto-tuning), or None.
+        autotune: choose ``swapout_threshold``, ``swapin_ahead`` and ``swapin_groupby`` for
+            each traced step with the memory simulator: the least swapping that fits
+            ``device_memory``, then the earliest prefetch that still fits
+            (:mod:`lmstrain.lms.autotune`); the other settings are kept. Raises
+            :class:`LMSParameterError` when even the physical bound does not fit.
+        device_memory: the device's memory budget in bytes for auto-tuning; None = the GPU's
+            memory as TensorFlow reports it (required on a CPU).
         verify: log, per traced function, how many swap nodes survived Grappler.
         copy_mode: ``"snapshot"`` (default; on a GPU the transfer is the copy) or
             ``"deepcopy"``, which forces a real copy between logical CPUs so that memory
             measurements on CPU see the swap.
 
     After training, ``plans`` holds one :class:`~lmstrain.lms.plan.SwapPlan` per traced
-    function and ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each (verify=True).
+    function, ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each (verify=True) and
+    ``choices`` the :class:`~lmstrain.lms.autotune.Choice` of each (autotune=True).
     """
 
     def __init__(self, min_tensor_bytes=4096, swapout_threshold=1, swapin_ahead=1,
@@ -67,11 +76,7 @@ class LMS(keras.callbacks.Callback):
             swapin_ahead=swapin_ahead, swapin_groupby=swapin_groupby, sync_mode=sync_mode,
             include_types=include_types, exclude_types=exclude_types,
             include_scopes=include_scopes, exclude_scopes=exclude_scopes)
-        if autotune is not False:
-            raise LMSParameterError(
-                f"LMS autotune={autotune!r} is not available yet: it needs lmstrain's memory "
-                f"simulator. Use autotune=False and set swapout_threshold, swapin_ahead and "
-                f"swapin_groupby by hand.")
+        check_choice("autotune", autotune, (True, False))
         if device_memory is not None and (isinstance(device_memory, bool)
                                           or not isinstance(device_memory, int)
                                           or device_memory <= 0):
@@ -83,11 +88,14 @@ class LMS(keras.callbacks.Callback):
         self.host_device = devices.check_spec(host_device, "host_device")
         self.compute_device = devices.check_spec(compute_device, "compute_device")
         self.device_memory = device_memory
+        self.autotune = autotune
         self.verify = verify
         self.copy_mode = copy_mode
         self.plans = []
         self.checks = []
+        self.choices = []
         self._devices = None
+        self._budget = None
         self._said_same_device = False
         self._fit_batch_size = None
         self._restore_jit = None
@@ -109,6 +117,14 @@ class LMS(keras.callbacks.Callback):
         host = devices.resolve(self.host_device or devices.default_host_device(compute),
                                "host_device")
         self._devices = (compute, host)
+        if self.autotune and compute != host:
+            self._budget = self.device_memory or devices.memory_limit(compute)
+            if not self._budget:
+                raise LMSParameterError(
+                    f"LMS autotune=True needs a device memory budget: the compute device "
+                    f"{devices.short(compute)} does not report one. Pass device_memory in bytes "
+                    f"(e.g. LMS(autotune=True, device_memory=16 * 2**30)) or set "
+                    f"lms.device_memory (e.g. 16GiB).")
         if compute == host and not self._said_same_device:
             log.warning("LMS: compute device and host device are both %s; swapping would "
                         "move nothing, so the training step is left unchanged.",
@@ -152,7 +168,8 @@ class LMS(keras.callbacks.Callback):
         returned = [t for t in tf.nest.flatten(outputs) if isinstance(t, tf.Tensor)]
         step = StepGraph.analyse(graph, returned, batch_size)
         compute, host = self._devices
-        plan = make_plan(step, self.settings, compute, host, self.copy_mode,
+        settings = self._tune(step) if self.autotune else self.settings
+        plan = make_plan(step, settings, compute, host, self.copy_mode,
                          function=graph.name, trace=len(self.plans) + 1,
                          batch_size_source=source)
         apply_plan(step, plan)
@@ -160,6 +177,25 @@ class LMS(keras.callbacks.Callback):
         log.info("LMS: %s (trace %d): %s", plan.function, plan.trace, plan.summary())
         for note in plan.notes:
             log.warning("LMS: %s (trace %d): %s", plan.function, plan.trace, note)
+
+    def _tune(self, step):
+        """Auto-tuned settings for ``step`` (see :mod:`lmstrain.lms.autotune`); logs the choice."""
+        compute, host = self._devices
+        executor = "gpu" if devices.is_gpu(compute) else "cpu"
+        flow = dataflow.build(step, compute, resident_variables(self.model), executor == "cpu")
+        choice = tuning.tune(step, flow, self.settings, self._budget, compute, host,
+                             executor=executor, weight_bytes=trainable_bytes(self.model),
+                             copy_mode=self.copy_mode)
+        self.choices.append(choice)
+        log.info("%s", choice.summary())
+        limit = devices.host_memory_limit()
+        if executor == "gpu" and choice.estimate.host_bytes > limit:
+            log.warning("LMS: the plan keeps %s of swapped tensors in host memory, more than "
+                        "TensorFlow's pinned host allocator allows (%s). Set "
+                        "TF_GPU_HOST_MEM_LIMIT_IN_MB=%d before TensorFlow starts (lmstrain fit "
+                        "does).", format_bytes(choice.estimate.host_bytes), format_bytes(limit),
+                        choice.estimate.host_bytes // 2**20 + 1)
+        return choice.settings
 
     def _batch_size(self, data):
         for tensor in tf.nest.flatten(data):
@@ -213,6 +249,9 @@ class LMS(keras.callbacks.Callback):
             "copy_mode": self.copy_mode,
             "device_memory": self.device_memory,
             "settings": self.settings.to_dict(),
+            "autotune": [{"summary": c.summary(), "settings": c.settings.to_dict(),
+                          "predicted_peak_bytes": c.peak_bytes,
+                          "candidates": len(c.tried)} for c in self.choices],
             "functions": [plan.to_dict() for plan in self.plans],
             "checks": [{**vars(check), "ok": check.ok} for check in self.checks],
         }

@@ -6,10 +6,14 @@ rewrite end to end, but both live in the same RAM, so it saves no memory.
 """
 
 import logging
+import os
 
 import tensorflow as tf
 
+from lmstrain.lms import tfgraph
 from lmstrain.lms.settings import LMSParameterError
+
+DEFAULT_HOST_LIMIT_MB = 64 * 1024  # TensorFlow's default TF_GPU_HOST_MEM_LIMIT_IN_MB
 
 log = logging.getLogger("lmstrain.lms")
 
@@ -81,6 +85,24 @@ def default_host_device(compute_device):
     if on_cpu and len(cpus) > 1:
         return cpus[1].name
     return cpus[0].name
+
+
+def is_gpu(name):
+    """True if ``name`` names a GPU."""
+    return (tf.DeviceSpec.from_string(name).device_type or "").upper() == "GPU"
+
+
+def memory_limit(name):
+    """Bytes TensorFlow may allocate on device ``name`` (a GPU), or None for a CPU."""
+    if not is_gpu(name):
+        return None
+    return tfgraph.device_memory_limit(short(name))
+
+
+def host_memory_limit():
+    """The cap of TensorFlow's pinned host allocator: ``TF_GPU_HOST_MEM_LIMIT_IN_MB``, 64 GiB by
+    default."""
+    return int(os.environ.get("TF_GPU_HOST_MEM_LIMIT_IN_MB", DEFAULT_HOST_LIMIT_MB)) * 2**20
 
 
 def runs_on(op, device):

@@ -7,14 +7,18 @@ apply the update. Levels form the categorised topological order of TFLMS v2: an 
 the length of the longest path reaching it, over data and control edges.
 """
 
+import functools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tensorflow as tf
 
 from lmstrain.lms import tfgraph
 
 BACKWARD_SCOPE = "gradient_tape/"
+SWAP_SCOPE = "/lms/"  # in the names of swap nodes (see rewrite.swap_scope)
+# Grappler does not fold constants larger than this (constant_folding.cc kMaxConstantSize).
+MAX_FOLDED_BYTES = 10 * 2**20
 SHAPE_ONLY_TYPES = frozenset({"Shape", "ShapeN", "Size", "Rank"})
 FORWARD, BACKWARD, UPDATE = "forward", "backward", "update"
 
@@ -29,6 +33,7 @@ class StepGraph:
     level: dict
     useful: set
     batch_size: int
+    _ancestors: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def analyse(cls, graph, outputs=(), batch_size=1):
@@ -54,17 +59,44 @@ class StepGraph:
         """Bytes of ``tensor``, or None when a dimension other than the batch is unknown."""
         return tensor_bytes(tensor, self.batch_size)
 
+    @functools.cached_property
+    def folded(self):
+        """Ops Grappler folds into constants: computed from constants only, small outputs."""
+        constant = set()
+        for op in self.ops:
+            if op.type == "Const" or (op.type in SHAPE_ONLY_TYPES
+                                      and all(t.shape.is_fully_defined() for t in op.inputs)):
+                constant.add(op)
+            elif (op.inputs and not op.op_def.is_stateful and op.type != "Placeholder"
+                  and all(t.op in constant for t in op.inputs)
+                  and all(c in constant for c in op.control_inputs)
+                  and all((self.tensor_bytes(t) or 0) <= MAX_FOLDED_BYTES
+                          for t in op.outputs)):
+                constant.add(op)
+        return constant
+
     def backward_ancestors(self, op):
         """Backward-pass ops that ``op`` depends on, directly or not.
 
         Forward ops never depend on backward ones, so the search stops at the forward pass.
         """
+        return self.phase_ancestors(op, BACKWARD)
+
+    def phase_ancestors(self, op, phase):
+        """Ops of ``phase`` that ``op`` depends on through ops of that phase.
+
+        Results are cached (the graph must not change in between).
+        """
+        key = (op, phase)
+        if key in self._ancestors:
+            return self._ancestors[key]
         seen, queue = set(), deque([op])
         while queue:
             for pred in predecessors(queue.popleft()):
-                if pred not in seen and self.phase.get(pred) == BACKWARD:
+                if pred not in seen and self.phase.get(pred) == phase:
                     seen.add(pred)
                     queue.append(pred)
+        self._ancestors[key] = seen
         return seen
 
 
@@ -86,7 +118,8 @@ def predecessors(op):
 
 def split_phases(ops):
     """Map each op to ``forward``, ``backward`` or ``update`` by creation order."""
-    backward = [tfgraph.creation_index(op) for op in ops if op.name.startswith(BACKWARD_SCOPE)]
+    backward = [tfgraph.creation_index(op) for op in ops
+                if op.name.startswith(BACKWARD_SCOPE) and SWAP_SCOPE not in op.name]
     if not backward:
         return {op: FORWARD for op in ops}
     first, last = min(backward), max(backward)

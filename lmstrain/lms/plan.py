@@ -1,4 +1,4 @@
-"""The swap plan: which forward tensors go to the host, and when each comes back.
+"""The swap plan: which tensors go to the host, and when each comes back.
 
 A tensor is a candidate when a forward op on the compute device produces it and a backward op
 reads it. It is swapped when it is big enough, passes the type and scope filters, and has
@@ -6,14 +6,37 @@ backward consumers more than ``swapout_threshold`` levels after its producer. Th
 are grouped (``swapin_groupby`` levels) and each group gets one swap-in, triggered by a backward
 op ``swapin_ahead`` levels before the group's first consumer. In ``swapout`` sync mode the
 weight reads the forward pass needs next wait for the swap-out, so the original is freed early.
+
+Four additions to TFLMS's rules cut the peak of U-Nets:
+
+- long-lived backward tensors are swapped too: a gradient whose consumer runs more than
+  ``LONG_LIVED_SHARE`` of the step's levels later (a skip connection's gradient waits from the
+  decoder's backward pass until the encoder's) goes to the host and back like an activation;
+- a forward tensor whose forward consumer runs far later (a skip connection, read by the
+  decoder's concatenation) is swapped in for that consumer too, so it does not occupy (and
+  fragment) device memory while the network's deeper levels run;
+- forward tensors that update-phase ops read (the metrics read the network's output) get one
+  more swap-in, triggered by the end of the backward pass, so that the metrics are computed
+  after the backward pass instead of holding their results through it;
+- a swap-in is freed before its consumer's siblings allocate: ops that read the consumer's
+  other inputs (a convolution's input gradient, sibling of the filter gradient that reads the
+  swapped-in activation) wait for the consumer. Without this, TensorFlow's CPU executor runs the
+  filter gradients last, holding every swapped-in activation until the end of the step.
+
 Plans hold op names only, so they serialise to JSON and outlive the traced graph.
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from lmstrain.lms import devices
-from lmstrain.lms.graph import BACKWARD, FORWARD, SHAPE_ONLY_TYPES, ancestors, predecessors
+from lmstrain.lms.graph import (BACKWARD, FORWARD, SHAPE_ONLY_TYPES, UPDATE, ancestors,
+                                predecessors)
+from lmstrain.lms.rewrite import find_cycle
 from lmstrain.lms.settings import SYNC_SWAPIN, SYNC_SWAPOUT
+
+# A tensor is long-lived when a consumer runs this share of the step's levels later.
+LONG_LIVED_SHARE = 0.03
 
 # Outputs of these ops are inputs, variables or aliases: swapping them frees nothing.
 NEVER_SWAPPED_TYPES = frozenset({
@@ -30,11 +53,15 @@ NEVER_TRIGGER_TYPES = frozenset({
 
 @dataclass
 class SwapIn:
-    """One copy back to the compute device, shared by ``consumers``, started after ``trigger``."""
+    """One copy back to the compute device, shared by ``consumers``, started after ``trigger``.
+
+    ``frees_before`` holds ``[consumer, op]`` pairs: ``op`` waits for ``consumer``.
+    """
 
     consumers: list
     trigger: list
     name: str = ""
+    frees_before: list = field(default_factory=list)
 
 
 @dataclass
@@ -123,21 +150,50 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
         return plan
     forward = [op for op in step.ops if step.phase[op] == FORWARD]
     plan.notes.extend(_unmatched_filters(settings, forward))
-    for op in forward:
+    long_lived = max(settings.swapout_threshold, math.ceil(step.n_levels * LONG_LIVED_SHARE))
+    end = _end_of_backward(step, compute_device)
+    for op in step.ops:
+        phase = step.phase[op]
+        if phase not in (FORWARD, BACKWARD) or (phase == BACKWARD and op not in step.useful):
+            continue
+        threshold = settings.swapout_threshold if phase == FORWARD else long_lived
         for tensor in op.outputs:
-            backward = [c for c in _consumers(tensor)
-                        if step.phase.get(c) == BACKWARD and c in step.useful
-                        and c.type not in SHAPE_ONLY_TYPES]
-            if not backward:
+            forward, backward, update = _consumers_by_phase(step, tensor)
+            ahead = [c for c in forward if step.level[c] - step.level[op] > long_lived]
+            if phase == BACKWARD:
+                update = []
+                if not _far(step, op, backward, threshold):
+                    continue
+            if not backward and not ahead:
                 continue
             size = step.tensor_bytes(tensor)
-            reason = _skip_reason(op, size, settings, compute_device)
+            reason = _skip_reason(op, size, settings, compute_device, step)
             if reason is None:
-                reason = _plan_tensor(plan, step, tensor, backward, size, settings,
-                                      compute_device)
+                reason = _plan_tensor(plan, step, tensor, size, settings, compute_device,
+                                      threshold, backward, ahead, update, end)
             if reason is not None:
                 plan.skipped.append(SkippedTensor(tensor.name, op.name, size, reason))
+    _free_before_siblings(step, plan, settings, compute_device)
     return plan
+
+
+def _far(step, producer, consumers, threshold):
+    return any(step.level[c] - step.level[producer] > threshold for c in consumers)
+
+
+def _consumers_by_phase(step, tensor):
+    """(forward, backward, update-phase) consumers of ``tensor`` that do real work."""
+    useful = [c for c in _consumers(tensor)
+              if c in step.useful and c.type not in SHAPE_ONLY_TYPES]
+    return tuple([c for c in useful if step.phase.get(c) == phase]
+                 for phase in (FORWARD, BACKWARD, UPDATE))
+
+
+def _end_of_backward(step, compute_device):
+    """The backward op with the highest level that can trigger a swap-in, or None."""
+    candidates = [op for op in step.ops if step.phase[op] == BACKWARD and op in step.useful
+                  and op.type not in NEVER_TRIGGER_TYPES and devices.runs_on(op, compute_device)]
+    return max(candidates, key=lambda op: (step.level[op], op.name), default=None)
 
 
 def _consumers(tensor):
@@ -145,7 +201,9 @@ def _consumers(tensor):
     return list(dict.fromkeys(tensor.consumers()))
 
 
-def _skip_reason(op, size, settings, compute_device):
+def _skip_reason(op, size, settings, compute_device, step):
+    if op in step.folded:
+        return "computed from constants only: Grappler folds it into a constant"
     if not devices.runs_on(op, compute_device):
         return f"producer placed on {op.device}, not the compute device"
     if op.type in NEVER_SWAPPED_TYPES:
@@ -165,28 +223,41 @@ def _skip_reason(op, size, settings, compute_device):
     return None
 
 
-def _plan_tensor(plan, step, tensor, backward, size, settings, compute_device):
-    """Add ``tensor`` to ``plan``; return the reason if it cannot be swapped."""
+def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, backward,
+                 ahead=(), update=(), end=None):
+    """Add ``tensor`` to ``plan``; return the reason if it cannot be swapped.
+
+    ``backward`` consumers more than ``threshold`` levels away read swap-ins. So do ``ahead``,
+    forward consumers far away (a skip connection's concatenation), and ``update``, consumers
+    the update phase runs after the backward pass (metrics read the network's output): their
+    swap-in waits for ``end``, the end of the backward pass.
+    """
     producer = tensor.op
-    near = [c for c in backward
-            if step.level[c] - step.level[producer] <= settings.swapout_threshold]
+    near = [c for c in backward if step.level[c] - step.level[producer] <= threshold]
     far = [c for c in backward if c not in near]
-    if not far:
+    if not far and not ahead:
         return (f"every backward consumer is within swapout_threshold="
                 f"{settings.swapout_threshold} levels of the producer")
     swap_ins, kept = [], [c.name for c in near]
-    for group in _group_by_level(step, far, settings.swapin_groupby):
+    for group in (_group_by_level(step, ahead, settings.swapin_groupby) if ahead else []) + \
+            (_group_by_level(step, far, settings.swapin_groupby) if far else []):
         trigger = _trigger(step, producer, group[0], settings, compute_device)
         if trigger:
             swap_ins.append(SwapIn([c.name for c in group], [t.name for t in trigger]))
         else:
             kept.extend(c.name for c in group)
+    if swap_ins and update and end is not None:
+        swap_ins.append(SwapIn([c.name for c in update], [end.name]))
+    else:
+        kept.extend(c.name for c in update)
     if not swap_ins:
-        return (f"no backward op runs at least swapin_ahead={settings.swapin_ahead} levels "
+        return (f"no op runs at least swapin_ahead={settings.swapin_ahead} levels "
                 f"before its consumers to trigger a swap-in")
     waits = []
     if settings.sync_mode in SYNC_SWAPOUT:
-        waits = [op.name for op in _swap_out_gates(step, tensor, compute_device)]
+        frontier = near if step.phase[producer] == BACKWARD else [
+            c for c in _consumers(tensor) if step.phase.get(c) == FORWARD and c not in ahead]
+        waits = [op.name for op in _swap_out_gates(step, tensor, compute_device, frontier)]
     plan.swapped.append(SwappedTensor(
         tensor=tensor.name, producer=producer.name, producer_type=producer.type,
         shape=tensor.shape.as_list(), dtype=tensor.dtype.name, bytes=size, swap_ins=swap_ins,
@@ -194,17 +265,19 @@ def _plan_tensor(plan, step, tensor, backward, size, settings, compute_device):
     return None
 
 
-def _swap_out_gates(step, tensor, compute_device, max_depth=8):
-    """Weight reads the forward pass needs soon after ``tensor``; they wait for its swap-out.
+def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8):
+    """Weight reads the pass needs soon after ``tensor``; they wait for its swap-out.
 
-    Gating the forward consumers themselves would give them control inputs, which stops
-    Grappler from fusing or re-associating them (e.g. MatMul+BiasAdd, Add trees) and changes
-    the numbers. Variable reads are never rewritten, so gating the reads of the consumers (or,
-    for consumers without weights, of their nearest weighted descendants) stalls the forward
-    pass until the swap-out is done without changing any result.
+    Gating the consumers themselves would give them control inputs, which stops Grappler from
+    fusing or re-associating them (e.g. MatMul+BiasAdd, Add trees) and changes the numbers.
+    Variable reads are never rewritten, so gating the reads of the consumers (or, for consumers
+    without weights, of their nearest weighted descendants) stalls the pass until the swap-out
+    is done without changing any result. ``frontier`` defaults to the forward consumers.
     """
+    phase = step.phase[tensor.op]
     upstream = ancestors([tensor.op])  # a read the producer needs cannot wait for it
-    frontier = [c for c in _consumers(tensor) if step.phase.get(c) == FORWARD]
+    if frontier is None:
+        frontier = [c for c in _consumers(tensor) if step.phase.get(c) == FORWARD]
     gates, seen = [], set(frontier)
     for _ in range(max_depth):
         for op in frontier:
@@ -215,9 +288,57 @@ def _swap_out_gates(step, tensor, compute_device, max_depth=8):
         if gates:
             return gates
         frontier = [c for op in frontier for t in op.outputs for c in _consumers(t)
-                    if step.phase.get(c) == FORWARD and c not in seen]
+                    if step.phase.get(c) == phase and c not in seen]
         seen.update(frontier)
     return gates
+
+
+def _free_before_siblings(step, plan, settings, compute_device):
+    """Make the siblings of each swap-in's consumers wait for them (see the module docstring).
+
+    A sibling reads one of the consumer's other inputs (at least ``min_tensor_bytes``, not a
+    weight or constant), runs on the compute device in the backward pass, and is not an
+    ancestor of the consumer. Pairs that would close a cycle with the plan's other edges are
+    dropped.
+    """
+    graph = step.graph
+    consumers = {c for s in plan.swapped for i in s.swap_ins for c in i.consumers}
+    for swapped in plan.swapped:
+        for swap_in in swapped.swap_ins:
+            for name in swap_in.consumers:
+                consumer = graph.get_operation_by_name(name)
+                upstream = step.backward_ancestors(consumer)
+                for t in consumer.inputs:
+                    if (t.name == swapped.tensor or t.op.type in NEVER_SWAPPED_TYPES
+                            or (step.tensor_bytes(t) or 0) < max(settings.min_tensor_bytes, 1)):
+                        continue
+                    for sibling in _consumers(t):
+                        if (sibling is not consumer and sibling.name not in consumers
+                                and step.phase.get(sibling) == BACKWARD
+                                and sibling in step.useful and sibling not in upstream
+                                and sibling.type not in SHAPE_ONLY_TYPES
+                                and devices.runs_on(sibling, compute_device)):
+                            pair = [name, sibling.name]
+                            if pair not in swap_in.frees_before:
+                                swap_in.frees_before.append(pair)
+    _drop_cyclic_pairs(step, plan)
+
+
+def _drop_cyclic_pairs(step, plan):
+    """Remove ``frees_before`` pairs on cycles until none is left (other cycles are reported by
+    :func:`~lmstrain.lms.rewrite.check_acyclic`)."""
+    while True:
+        cycle = find_cycle(step, plan)
+        if not cycle:
+            return
+        edges = set(zip(cycle, cycle[1:]))
+        dropped = False
+        for swap_in in plan.swap_ins:
+            kept = [p for p in swap_in.frees_before if tuple(p) not in edges]
+            dropped |= len(kept) != len(swap_in.frees_before)
+            swap_in.frees_before = kept
+        if not dropped:
+            return
 
 
 def _weight_reads(op):
@@ -245,14 +366,14 @@ def _group_by_level(step, consumers, groupby):
 def _trigger(step, producer, consumer, settings, compute_device):
     """Ops the swap-in for ``consumer`` waits for, or [] if none qualifies.
 
-    Candidates are backward ops that ``consumer`` depends on and that run after ``producer``
-    (higher level), so the new edges keep the graph acyclic, and that do real work (Grappler
-    may fold a Reshape away and move its control edges). In ``swapin``/``both`` sync mode
-    they are the consumer's own inputs (swap in at the last moment); otherwise the one nearest
-    to ``swapin_ahead`` levels before the consumer.
+    Candidates are ops of the consumer's phase that ``consumer`` depends on and that run
+    after ``producer`` (higher level), so the new edges keep the graph acyclic, and that do
+    real work (Grappler may fold a Reshape away and move its control edges). In
+    ``swapin``/``both`` sync mode they are the consumer's own inputs (swap in at the last
+    moment); otherwise the one nearest to ``swapin_ahead`` levels before the consumer.
     """
     floor = step.level[producer]
-    candidates = [op for op in step.backward_ancestors(consumer)
+    candidates = [op for op in step.phase_ancestors(consumer, step.phase[consumer])
                   if step.level[op] > floor and op in step.useful
                   and op.type not in NEVER_TRIGGER_TYPES and devices.runs_on(op, compute_device)]
     if settings.sync_mode in SYNC_SWAPIN:

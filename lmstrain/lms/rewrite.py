@@ -1,10 +1,11 @@
 """Apply a swap plan to the traced graph: swap nodes, rewired consumers, control edges.
 
 For each swapped tensor: a swap-out copy on the host device and one swap-in copy per consumer
-group on the compute device, under the absolute name scope ``lms/t<trace>/<tensor>/``. The
-grouped backward consumers read the swap-in instead of the original; the swap-in waits for its
+group on the compute device, under the absolute name scope ``<producer>/lms/t<trace>_<i>/``. The
+grouped consumers read the swap-in instead of the original; the swap-in waits for its
 trigger ops; in ``swapout`` sync mode the producer's forward consumers wait for the swap-out so
-the original can be freed as soon as the forward pass is done with it.
+the original can be freed as soon as the forward pass is done with it; the ops a swap-in
+``frees_before`` wait for its consumers, so the copy is freed before they allocate.
 """
 
 from collections import deque
@@ -49,13 +50,22 @@ def apply_plan(step, plan):
                         tfgraph.add_control_input(device_copy.op, graph.get_operation_by_name(name))
                     for name in swap_in.consumers:
                         _rewire(graph.get_operation_by_name(name), tensor, device_copy)
+                    for first, then in swap_in.frees_before:
+                        tfgraph.add_control_input(graph.get_operation_by_name(then),
+                                                  graph.get_operation_by_name(first))
             for name in swapped.wait_for_swap_out:
                 tfgraph.add_control_input(graph.get_operation_by_name(name), host_copy.op)
 
 
 def swap_scope(trace, tensor_name):
-    """``lms/t2/functional_1/conv3d_1/Relu_0/`` for tensor ``functional_1/conv3d_1/Relu:0``."""
-    return f"lms/t{trace}/{tensor_name.replace(':', '_')}/"
+    """``functional_1/conv3d_1/Relu/lms/t2_0/`` for tensor ``functional_1/conv3d_1/Relu:0``.
+
+    Under the producer's name, so a swap-in sorts where the tensor it replaces sorted: Grappler
+    orders the inputs of an ``AddN`` by name, and a different order would change the sum's
+    rounding.
+    """
+    op_name, _, index = tensor_name.rpartition(":")
+    return f"{op_name}/lms/t{trace}_{index}/"
 
 
 def _rewire(consumer, old, new):
@@ -66,6 +76,16 @@ def _rewire(consumer, old, new):
 
 def check_acyclic(step, plan):
     """Raise :class:`SwapCycleError` if the graph with the plan's edges would have a cycle."""
+    cycle = find_cycle(step, plan)
+    if cycle:
+        raise SwapCycleError(
+            f"LMS refused to rewrite {plan.function} (trace {plan.trace}): the swap plan would "
+            f"create a cycle: {' -> '.join(cycle)}. Change swapin_ahead, swapin_groupby or "
+            f"sync_mode, or exclude these ops with exclude_scopes.")
+
+
+def find_cycle(step, plan):
+    """A cycle (names, first repeated last) the plan's edges would create, or None."""
     successors = {op.name: set() for op in step.ops}
     for op in step.ops:
         for pred in predecessors(op):
@@ -87,12 +107,9 @@ def check_acyclic(step, plan):
                 edge(name, back)
             for name in swap_in.consumers:
                 edge(back, name)
-    cycle = _find_cycle(successors)
-    if cycle:
-        raise SwapCycleError(
-            f"LMS refused to rewrite {plan.function} (trace {plan.trace}): the swap plan would "
-            f"create a cycle: {' -> '.join(cycle)}. Change swapin_ahead, swapin_groupby or "
-            f"sync_mode, or exclude these ops with exclude_scopes.")
+            for first, then in swap_in.frees_before:
+                edge(first, then)
+    return _find_cycle(successors)
 
 
 def _find_cycle(successors):

@@ -1,11 +1,13 @@
 """The only place that uses private TensorFlow APIs.
 
 Graph editing (``Operation._update_input``, ``_add_control_input``, ``_id``), the automatic
-control dependency skip-list, and the eager context's graph collection. All are stable across
-TF 2.x but undocumented; a TF upgrade should only need this module checked.
+control dependency skip-list, the eager context's graph collection, and the device list with
+memory limits. All are stable across TF 2.x but undocumented; a TF upgrade should only need
+this module checked.
 """
 
 import tensorflow as tf
+from tensorflow.python.client import device_lib
 from tensorflow.python.eager import context
 from tensorflow.python.framework import auto_control_deps
 
@@ -48,3 +50,12 @@ def collect_graphs():
 
 def stop_graph_collection():
     context.context().disable_graph_collection()
+
+
+def device_memory_limit(short_name):
+    """The memory limit TensorFlow gave device ``short_name`` (e.g. ``/GPU:0``), or None."""
+    wanted = short_name.upper().replace("/", "").replace("DEVICE:", "")
+    for device in device_lib.list_local_devices():
+        if device.name.upper().replace("/", "").replace("DEVICE:", "") == wanted:
+            return device.memory_limit or None
+    return None

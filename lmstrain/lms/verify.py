@@ -3,7 +3,7 @@
 The placement log prints before Grappler runs, so it cannot show whether swap nodes survived.
 The eager context's graph collection records, per executed function, the graph after
 optimisation and its per-device partitions; node names there carry a prefix from function
-inlining (``StatefulPartitionedCall/lms/...``), so names are matched by suffix.
+inlining (``StatefulPartitionedCall/.../lms/...``), so names are matched by suffix.
 """
 
 from contextlib import contextmanager

@@ -1,0 +1,126 @@
+"""Auto-tune: the swap settings that fit a device memory budget with the least swapping.
+
+The search follows TFLMS v2's: with the prefetch distance and grouping fixed, find the
+largest ``swapout_threshold`` (fewest tensors swapped) whose predicted peak fits; then the
+largest ``swapin_ahead`` that still fits (the earliest safe prefetch); then the largest
+``swapin_groupby`` (fewest swap-ins). Each candidate is planned by the same
+:func:`~lmstrain.lms.plan.make_plan` the callback uses and simulated on the traced step
+(:func:`~lmstrain.lms.simrewrite.with_plan`). When the step fits without swapping, nothing is
+swapped. When even the physical bound (weights, optimizer state, gradients and the largest
+single op) does not fit, no plan can help: :class:`~lmstrain.lms.settings.LMSParameterError`
+names the op.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lmstrain.lms.estimate import estimate
+from lmstrain.lms.plan import make_plan
+from lmstrain.lms.settings import LMSParameterError
+from lmstrain.lms.simrewrite import with_plan
+from lmstrain.units import format_bytes
+
+
+@dataclass
+class Choice:
+    """The chosen settings, their predicted peak, and every candidate tried."""
+
+    settings: object  # SwapSettings
+    peak_bytes: int
+    budget_bytes: int
+    swapped_bytes: int
+    swapped_tensors: int
+    tried: list = field(default_factory=list)  # (settings dict, predicted peak bytes)
+    estimate: object = None  # MemoryEstimate of the chosen plan
+
+    def summary(self):
+        """One line for the log."""
+        s = self.settings
+        if not self.swapped_tensors:
+            return (f"LMS auto-tune: the step fits in {format_bytes(self.budget_bytes)} without "
+                    f"swapping (predicted peak {format_bytes(self.peak_bytes)})")
+        return (f"LMS auto-tune: swapout_threshold={s.swapout_threshold}, swapin_ahead="
+                f"{s.swapin_ahead}, swapin_groupby={s.swapin_groupby}: {self.swapped_tensors} "
+                f"tensors ({format_bytes(self.swapped_bytes)}) swapped per step, predicted peak "
+                f"{format_bytes(self.peak_bytes)} of {format_bytes(self.budget_bytes)} "
+                f"({len(self.tried)} candidates simulated)")
+
+
+def tune(step, flow, base, budget, compute_device, host_device, *, executor="cpu",
+         weight_bytes=0, copy_mode="snapshot"):
+    """Choose settings for ``step`` (its :class:`StepGraph`) and ``flow`` (its unrewritten
+    :class:`Dataflow`), starting from ``base`` (filters, sync mode and minimum size are kept).
+    """
+    tried = []
+
+    def evaluate(settings):
+        plan = make_plan(step, settings, compute_device, host_device, copy_mode,
+                         function=flow.function, trace=0, batch_size_source="auto-tune")
+        result = estimate(with_plan(flow, plan, executor == "cpu"), executor, budget,
+                          weight_bytes, plan)
+        tried.append((settings.to_dict(), result.peak_bytes))
+        return result
+
+    def fits(settings):
+        return evaluate(settings).fits(budget)
+
+    levels = step.n_levels
+    none = dataclasses.replace(base, swapout_threshold=levels)
+    unswapped = evaluate(none)
+    if unswapped.fits(budget):
+        return _choice(none, unswapped, budget, tried)
+    most = dataclasses.replace(base, swapout_threshold=0, swapin_ahead=1, swapin_groupby=0)
+    if not fits(most):
+        _refuse(unswapped, tried[-1][1], budget)
+    threshold = _largest(lambda t: fits(dataclasses.replace(most, swapout_threshold=t)), 0,
+                         levels - 1)
+    chosen = dataclasses.replace(most, swapout_threshold=threshold)
+    ahead = _largest(lambda a: fits(dataclasses.replace(chosen, swapin_ahead=a)), 1, levels)
+    chosen = dataclasses.replace(chosen, swapin_ahead=ahead)
+    groupby = _largest(lambda g: fits(dataclasses.replace(chosen, swapin_groupby=g)), 0, levels)
+    chosen = dataclasses.replace(chosen, swapin_groupby=groupby)
+    return _choice(chosen, evaluate(chosen), budget, tried)
+
+
+def _largest(ok, low, high):
+    """The largest value in [low, high] for which ``ok`` holds, given ``ok(low)``.
+
+    Gallops up from ``low`` (steps 1, 2, 4, ...) until ``ok`` fails, then bisects; like the
+    search in TFLMS v2, it assumes ``ok`` is monotonic.
+    """
+    good, bad, step = low, high + 1, 1
+    while good + step < bad:
+        if not ok(good + step):
+            bad = good + step
+            break
+        good += step
+        step *= 2
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if ok(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
+
+
+def _choice(settings, result, budget, tried):
+    return Choice(settings, result.peak_bytes, budget, result.swapped_bytes,
+                  result.swapped_tensors, tried, result)
+
+
+def _refuse(unswapped, best, budget):
+    """Raise: no plan fits ``budget``; name the op that sets the bound when it is the cause."""
+    if unswapped.bound_bytes > budget:
+        raise LMSParameterError(
+            f"LMS auto-tune: op {unswapped.bound_op} needs "
+            f"{format_bytes(unswapped.bound_bytes)} on its own (its inputs and outputs, plus "
+            f"weights, optimizer state and gradients), more than the device memory budget of "
+            f"{format_bytes(budget)}; no swap plan can fit. Use a smaller input size or batch, "
+            f"or a device with more memory.")
+    raise LMSParameterError(
+        f"LMS auto-tune: even swapping every eligible tensor (swapout_threshold=0) needs "
+        f"{format_bytes(best)}, more than the device memory budget of {format_bytes(budget)} "
+        f"(the physical bound is {format_bytes(unswapped.bound_bytes)}, set by op "
+        f"{unswapped.bound_op}). Lower min_tensor_bytes, remove include/exclude filters, or "
+        f"use a smaller input size or batch.")

@@ -1,0 +1,102 @@
+"""The order in which TensorFlow's executor runs a step's ops, emulated.
+
+TensorFlow's executor (``ExecutorState::Process``/``ScheduleReady``) keeps a FIFO queue of
+ops to run inline on the current thread. When an op finishes, its newly ready successors are
+split: cheap kernels join the inline queue; of the "expensive" ones, the last runs inline when
+the queue is empty and the others are handed to the inter-op thread pool. With one inter-op
+thread the pool is a stack for work scheduled from its own thread (Eigen's run queue pushes
+and pops at the front), and the initial ready ops (the roots) are queued behind it.
+
+On a CPU nearly every kernel starts out "expensive" (its cost estimate starts at 10^8 cycles
+and decays by 10% per run), so the step runs depth-first. GPU kernels are never "expensive":
+everything runs from the inline FIFO queue, breadth-first. Successors are visited in creation
+order; TensorFlow's own order follows its edge sets, which can differ from run to run. The CPU
+emulation is of the measurement setting (one inter-op thread) the simulator was validated in.
+"""
+
+from collections import deque
+
+
+def executor_order(flow, late_types=frozenset(), host_last=False):
+    """The nodes of ``flow`` in emulated execution order (each node's ``expensive`` flag says
+    whether the executor may hand it to the thread pool).
+
+    Nodes of ``late_types`` come after their siblings in every ready list, in reverse
+    post-order among themselves: oneDNN's graph pass replaces them by new nodes, whose edges
+    TensorFlow then lists last. With ``host_last``, ready host nodes (swap-outs and swap-ins'
+    sources on /CPU:1) join the far end of the pool: the host's partition has its own
+    executor, whose work waits behind the compute device's when both share one thread.
+    """
+    position = {n.name: i for i, n in enumerate(flow.nodes)}
+    if late_types:
+        rpo = reverse_post_order(flow)
+        late = len(flow.nodes)
+        position = {n.name: late + rpo[n.name] if n.type in late_types else position[n.name]
+                    for n in flow.nodes}
+    pending = {n.name: len(n.preds) for n in flow.nodes}
+    successors = {n.name: [] for n in flow.nodes}
+    for node in flow.nodes:
+        for pred in node.preds:
+            successors[pred].append(node.name)
+    for name in successors:
+        successors[name].sort(key=position.__getitem__)
+    pool = deque(n.name for n in flow.nodes if not n.preds)
+    order = []
+    while pool:
+        inline = deque([pool.popleft()])
+        while inline:
+            name = inline.popleft()
+            order.append(flow.by_name[name])
+            ready = []
+            for succ in successors[name]:
+                pending[succ] -= 1
+                if pending[succ] == 0:
+                    ready.append(succ)
+            handed_off, last = [], None
+            for succ in ready:
+                if host_last and flow.by_name[succ].on_host:
+                    pool.append(succ)
+                    continue
+                if not flow.by_name[succ].expensive:
+                    inline.append(succ)
+                    continue
+                if last is not None:
+                    handed_off.append(last)
+                last = succ
+            if last is not None:
+                if inline:
+                    handed_off.append(last)
+                else:
+                    inline.append(last)
+            pool.extendleft(handed_off)
+    if len(order) != len(flow.nodes):
+        stuck = [n.name for n in flow.nodes if pending[n.name] > 0][:5]
+        raise ValueError(f"the step's dependencies contain a cycle (e.g. at {stuck}); "
+                         "cannot emulate an execution order")
+    return order
+
+
+def reverse_post_order(flow):
+    """Node name -> index in a reverse post-order (depth-first from the roots, children and
+    roots in creation order), as TensorFlow's ``GetReversePostOrder``."""
+    children = {n.name: [] for n in flow.nodes}
+    for node in flow.nodes:
+        for pred in node.preds:
+            children[pred].append(node.name)
+    seen, post = set(), []
+    for root in (n.name for n in flow.nodes if not n.preds):
+        if root in seen:
+            continue
+        seen.add(root)
+        stack = [(root, iter(children[root]))]
+        while stack:
+            name, rest = stack[-1]
+            for child in rest:
+                if child not in seen:
+                    seen.add(child)
+                    stack.append((child, iter(children[child])))
+                    break
+            else:
+                stack.pop()
+                post.append(name)
+    return {name: i for i, name in enumerate(reversed(post))}

@@ -1,0 +1,101 @@
+"""Edits of a :class:`~lmstrain.lms.dataflow.Dataflow` that mirror graph rewrites.
+
+- :func:`with_plan` adds a swap plan's nodes and edges exactly as
+  :func:`lmstrain.lms.rewrite.apply_plan` adds them to the traced graph, so auto-tune can try
+  many plans on one trace;
+- :func:`accumulate_addn` mirrors Grappler's memory optimizer, which turns large ``AddN`` ops
+  into running sums when the device is nearly full.
+"""
+
+import copy
+
+from lmstrain.lms.dataflow import Dataflow, Node, Output
+from lmstrain.lms.rewrite import swap_scope
+
+COPY_TYPES = {"snapshot": "Snapshot", "deepcopy": "DeepCopy"}
+
+
+def with_plan(flow, plan, cpu_executor=True):
+    """A copy of ``flow`` with the swap-outs, swap-ins and control edges of ``plan``."""
+    nodes = [copy.copy(n) for n in flow.nodes]
+    for node in nodes:
+        node.inputs, node.preds = list(node.inputs), list(node.preds)
+    by_name = {n.name: n for n in nodes}
+    kind = COPY_TYPES[plan.copy_mode]
+    added = []
+    for swapped in plan.swapped:
+        tensor = flow.tensor(swapped.tensor)
+        producer = flow.producer.get(tensor)
+        if producer is None:
+            continue  # folded or pruned: the rewrite's copy is never executed either
+        size = next(o for o in producer.outputs if o.name == tensor)
+        scope = swap_scope(plan.trace, swapped.tensor)
+        out = Node(f"{scope}swap_out", kind, producer.phase, True, [tensor], [producer.name],
+                   expensive=cpu_executor)
+        out.outputs.append(Output(f"{out.name}:0", size.bytes, size.elements, size.dtype))
+        added.append(out)
+        for index, swap_in in enumerate(swapped.swap_ins):
+            back = Node(f"{scope}swap_in_{index}", kind, "backward", False, [out.outputs[0].name],
+                        [out.name] + _names(flow, swap_in.trigger), expensive=cpu_executor)
+            back.outputs.append(Output(f"{back.name}:0", size.bytes, size.elements, size.dtype))
+            added.append(back)
+            for name in _names(flow, swap_in.consumers):
+                consumer = by_name[name]
+                consumer.inputs = [back.outputs[0].name if t == tensor else t
+                                   for t in consumer.inputs]
+                consumer.preds.append(back.name)
+            for first, then in swap_in.frees_before:
+                for waiting in _names(flow, [then]):
+                    by_name[waiting].preds.extend(_names(flow, [first]))
+        for name in _names(flow, swapped.wait_for_swap_out):
+            by_name[name].preds.append(out.name)
+    for node in nodes:
+        node.preds = list(dict.fromkeys(node.preds))
+    return Dataflow(nodes + added, dict(flow.resident), dict(flow.inputs),
+                    list(flow.resident_sizes), dict(flow.merged), function=flow.function)
+
+
+def _names(flow, op_names):
+    """Node names of ``op_names`` that run (deduplicated ops map to the node they became)."""
+    nodes = [flow.node(name) for name in op_names]
+    return list(dict.fromkeys(n.name for n in nodes if n is not None))
+
+
+def addn_candidates(flow):
+    """AddN nodes with more than two inputs (the targets of Grappler's rewrite)."""
+    return [n for n in flow.nodes if n.type == "AddN" and len(n.inputs) > 2]
+
+
+def accumulate_addn(flow, names):
+    """A copy of ``flow`` with the AddN nodes ``names`` as running sums.
+
+    Grappler (``memory_optimizer.cc``, ``SchedulingPass``) rewrites an AddN with more than two
+    inputs into a temporary variable initialised after its earliest input and one
+    ``AssignAdd`` per input, so that each input can be freed as soon as it is added, when its
+    own memory estimate exceeds 80% of the device's memory. Here: an init node after the
+    earliest producer allocates the sum; one node per input adds to it; the AddN's output is a
+    view of the sum.
+    """
+    position = {n.name: i for i, n in enumerate(flow.nodes)}
+    nodes = []
+    for node in flow.nodes:
+        if node.name not in names:
+            nodes.append(node)
+            continue
+        producers = [flow.producer[t].name for t in node.inputs]
+        first = min(node.inputs, key=lambda t: position[flow.producer[t].name])
+        out = node.outputs[0]
+        total = f"{node.name}/tmp_var:0"
+        init = Node(f"{node.name}/tmp_var_initializer", "Assign", node.phase, node.on_host,
+                    [first], [flow.producer[first].name], expensive=node.expensive)
+        init.outputs.append(Output(total, out.bytes, out.elements, out.dtype))
+        adds = [Node(f"{node.name}/tmp_var_accum_{i}", "AssignAdd", node.phase, node.on_host,
+                     [total, t], [init.name, flow.producer[t].name], expensive=node.expensive)
+                for i, t in enumerate(node.inputs)]
+        others = [p for p in node.preds if p not in producers]
+        done = Node(node.name, "DestroyTemporaryVariable", node.phase, node.on_host, [total],
+                    [a.name for a in adds] + others, expensive=node.expensive)
+        done.outputs.append(Output(out.name, out.bytes, out.elements, out.dtype, alias_of=total))
+        nodes.extend([init, *adds, done])
+    return Dataflow(nodes, dict(flow.resident), dict(flow.inputs), list(flow.resident_sizes),
+                    dict(flow.merged), function=flow.function)

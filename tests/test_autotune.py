@@ -1,0 +1,97 @@
+"""Auto-tune: the least swapping that fits, the rewrite it traces, budgets it cannot meet."""
+
+import keras
+import numpy as np
+import pytest
+
+from lmstrain.config import config_from_dict, load_config
+from lmstrain.lms import LMS, LMSParameterError, simulate_step
+from lmstrain.lms.simulate import autotune_step
+from lmstrain.lms.trial_memory import run_in_subprocess
+from lmstrain.model.unet3d import isensee2017
+
+SHAPE, BATCH = (32, 32, 32), 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return config_from_dict({"model": {"base_filters": 4, "depth": 3, "dropout": 0.1},
+                             "train": {"batch_size": BATCH}})
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    return simulate_step(tiny, SHAPE, BATCH, executor="cpu")
+
+
+def test_a_step_that_fits_is_not_swapped(tiny, plain):
+    choice = autotune_step(tiny, SHAPE, BATCH, plain.peak_bytes * 2, "cpu")
+    assert choice.swapped_tensors == 0 and "without swapping" in choice.summary()
+
+
+def test_the_chosen_plan_fits_swaps_less_than_all_and_is_the_traced_rewrite(tiny, plain):
+    budget = (plain.bound_bytes + plain.peak_bytes) // 2
+    choice = autotune_step(tiny, SHAPE, BATCH, budget, "cpu")
+    most = simulate_step(tiny, SHAPE, BATCH, plan=True, executor="cpu")
+    assert choice.peak_bytes <= budget and choice.estimate.fits(budget)
+    assert 0 < choice.swapped_bytes < most.swapped_bytes
+    # choice.peak_bytes was simulated on the search's plan; choice.estimate on the graph that
+    # make_plan + apply_plan rewrote while tracing: they must be the same plan.
+    assert choice.estimate.peak_bytes == choice.peak_bytes
+    assert choice.estimate.swapped_tensors == choice.swapped_tensors
+    assert choice.estimate.settings == choice.settings.to_dict()
+
+
+def test_the_callback_tunes_each_trace_and_applies_the_choice(plain):
+    keras.utils.set_random_seed(0)
+    model = isensee2017(SHAPE, base_filters=4, depth=3, dropout=0.1)
+    model.compile("adam", "mse")
+    lms = LMS(host_device="/CPU:1", autotune=True, verify=True,
+              device_memory=(plain.bound_bytes + plain.peak_bytes) // 2)
+    x = np.random.default_rng(0).random((2 * BATCH, *SHAPE, 4), dtype="float32")
+    model.fit(x, x[..., :3], batch_size=BATCH, verbose=0, callbacks=[lms])
+    assert len(lms.choices) == len(lms.plans) >= 1
+    for choice, plan in zip(lms.choices, lms.plans):
+        assert plan.settings == choice.settings.to_dict()
+        assert len(plan.swapped) == choice.swapped_tensors > 0
+    executed = [c for c in lms.checks if c.found]  # swap nodes live after Grappler
+    assert executed and all(c.ok for c in executed)
+    assert lms.plan_report()["autotune"][-1]["predicted_peak_bytes"] <= lms.device_memory
+
+
+def test_a_budget_below_the_bound_is_refused(tiny, plain):
+    with pytest.raises(LMSParameterError, match=r"LMS auto-tune: op .* needs .* on its own"):
+        autotune_step(tiny, SHAPE, BATCH, plain.bound_bytes // 2, "cpu")
+
+
+def test_the_callback_refuses_an_impossible_budget_while_tracing():
+    model = isensee2017((16, 16, 16), base_filters=4, depth=3)
+    model.compile("adam", "mse")
+    lms = LMS(host_device="/CPU:1", autotune=True, device_memory=2**20)
+    with pytest.raises(LMSParameterError, match="on its own"):
+        model.fit(np.ones((2, 16, 16, 16, 4)), np.ones((2, 16, 16, 16, 3)), verbose=0,
+                  callbacks=[lms])
+
+
+def test_autotune_on_a_cpu_needs_a_budget():
+    model = isensee2017((16, 16, 16), base_filters=4, depth=3)
+    model.compile("adam", "mse")
+    with pytest.raises(LMSParameterError, match="needs a device memory budget"):
+        model.fit(np.ones((2, 16, 16, 16, 4)), np.ones((2, 16, 16, 16, 3)), verbose=0,
+                  callbacks=[LMS(host_device="/CPU:1", autotune=True)])
+
+
+@pytest.mark.slow
+def test_the_measured_device_peak_stays_within_the_tuned_budget():
+    config = load_config("configs/demo.yaml")
+    shape, batch = (48, 48, 48), 2
+    plain = simulate_step(config, shape, batch, executor="cpu")
+    budget = (plain.bound_bytes + plain.peak_bytes) // 2
+    choice = autotune_step(config, shape, batch, budget, "cpu")
+    assert choice.swapped_tensors > 0
+    run = run_in_subprocess({"config": config.to_dict(), "shape": list(shape), "batch": batch,
+                             "swap": choice.settings.to_dict()})
+    # Device-resident: what the allocator held when the step began (weights, optimizer state,
+    # the batch, the input pipeline's copies) plus the step's own buffers on /CPU:0.
+    measured = run["allocator_before_bytes"] + run["step_peak_allocation_bytes"]
+    assert measured <= budget
