@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim
+.PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim bench-maxres \
+        bench-overhead bench-report bench-all
 
 install: $(STAMP)
 
@@ -36,6 +37,23 @@ bench-lms: install
 
 bench-sim: install
 	$(BIN)/python scripts/validate_simulator.py --out bench/results/simulator_accuracy.json
+
+# Sweeps resume: delete bench/results/maxres-* to measure again from scratch.
+bench-maxres: install
+	$(BIN)/lmstrain maxres configs/demo.yaml --device-memory 256MiB --sizes 40:160:8 \
+		--batch-sizes 1 --out bench/results/maxres-cpu --resume
+	$(BIN)/lmstrain maxres configs/brats2021_isensee.yaml --mode simulate --executor gpu \
+		--device-memory 16GiB,32GiB,40GiB,80GiB --sizes 128:512:16 \
+		--out bench/results/maxres-sim --resume
+
+bench-overhead: install
+	$(BIN)/python scripts/bench_overhead.py --out bench/results/overhead.json
+
+bench-report: install
+	$(BIN)/python scripts/bench_report.py
+
+bench-all: bench-pipeline bench-lms bench-sim bench-maxres bench-overhead
+	$(MAKE) bench-report
 
 clean-demo:
 	rm -rf demo_data runs/demo-*

@@ -206,6 +206,24 @@ def predict(run_dir, input_dir, output_dir, overwrite):
     click.echo(f"Wrote {len(written)} segmentations to {output_dir}")
 
 
+class ByteSize(click.ParamType):
+    """A size such as 16GiB, 512MiB, 40GB or a number of bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from lmstrain.errors import UserError
+        from lmstrain.units import parse_bytes
+
+        try:
+            size = parse_bytes(value)
+        except UserError as error:
+            self.fail(str(error), param, ctx)
+        if size <= 0:
+            self.fail(f"expected a positive size such as 16GiB, got {value!r}", param, ctx)
+        return size
+
+
 @main.command()
 @config_options
 @click.option("--sizes", metavar="FROM:TO:STEP",
@@ -232,9 +250,14 @@ def predict(run_dir, input_dir, output_dir, overwrite):
                                               "trials.")
 @click.option("--timeout", default=900, show_default=True, type=click.FloatRange(1),
               help="Seconds before a trial counts as timeout.")
+@click.option("--host-memory", type=ByteSize(), metavar="SIZE",
+              help="Host memory for swapped tensors, for the simulator (default: this "
+                   "machine's RAM).")
+@click.option("--executor", type=click.Choice(["cpu", "gpu"]),
+              help="Whose execution order the simulator emulates (default: this machine's).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the results as JSON.")
 def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_size, out_dir,
-           resume, timeout, as_json):
+           resume, timeout, host_memory, executor, as_json):
     """Find the largest trainable image size (or batch) per memory budget.
 
     For each budget, batch size and swap setting, searches the largest shape that trains at
@@ -242,14 +265,18 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
     trial one step larger. Each trial runs in a fresh subprocess with a timeout. On a GPU the
     budget is imposed by a logical device memory limit; on CPU by capping TensorFlow's
     allocator (without swapping) or by the compute device's measured share (with swapping).
-    Writes results.json, results.csv and plots to the output folder; --resume continues an
-    interrupted sweep.
+    With --mode simulate nothing is trained: each trial is the memory simulator's verdict
+    (swap settings auto-tuned for the budget, as in `lmstrain plan`), e.g. for GPU budgets on
+    a machine without one. Swap-on results carry a transfer-time model: bytes swapped per step
+    and their time over PCIe 3/4/5 and NVLink against an estimated GPU compute time (a model,
+    not a measurement). Writes results.json, results.csv and plots to the output folder;
+    --resume continues an interrupted sweep.
 
     \b
     Examples:
       lmstrain maxres configs/demo.yaml --device-memory 256MiB --sizes 32:128:8
-      lmstrain maxres configs/brats2021_isensee.yaml --mode simulate \\
-          --device-memory 16GiB,32GiB,40GiB,80GiB --batch-sizes 1,2
+      lmstrain maxres configs/brats2021_isensee.yaml --mode simulate --executor gpu \\
+          --device-memory 16GiB,32GiB,40GiB,80GiB --host-memory 512GiB
       lmstrain maxres configs/demo.yaml --device-memory 256MiB --fixed-size 48 \\
           --batch-sizes 1,2,4,8
     """
@@ -261,34 +288,22 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
         raise click.UsageError("--resume needs --out DIR: the sweep folder to continue")
     options = SweepOptions.parse(config, sizes=sizes, batch_sizes=batch_sizes,
                                  lms=lms_setting, device_memory=device_memory, mode=mode,
-                                 fixed_size=fixed_size, timeout_s=timeout)
+                                 fixed_size=fixed_size, timeout_s=timeout,
+                                 host_memory=host_memory, executor=executor)
     sweep = Sweep(config, options, out_dir or default_out_dir(config), resume)
-    with tqdm(total=sweep.n_searches, desc="Searching", unit="search",
-              disable=True if as_json else None) as bar:
-        results = sweep.run(progress=bar.update)
+    with tqdm(desc="Trials", unit="trial", disable=True if as_json else None) as bar:
+
+        def on_trial(trial):
+            bar.set_postfix_str(f"{'x'.join(map(str, trial.shape))} batch {trial.batch} "
+                                f"swap {'on' if trial.lms else 'off'}: {trial.status}")
+            bar.update()
+
+        results = sweep.run(on_trial)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
         click.echo(format_table(results["summary"]))
         click.echo(f"Results: {sweep.out_dir}")
-
-
-class ByteSize(click.ParamType):
-    """A size such as 16GiB, 512MiB, 40GB or a number of bytes."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        from lmstrain.errors import UserError
-        from lmstrain.units import parse_bytes
-
-        try:
-            size = parse_bytes(value)
-        except UserError as error:
-            self.fail(str(error), param, ctx)
-        if size <= 0:
-            self.fail(f"expected a positive size such as 16GiB, got {value!r}", param, ctx)
-        return size
 
 
 @main.command()

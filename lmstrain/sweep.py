@@ -14,15 +14,18 @@ import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from math import prod
 from pathlib import Path
 
-from datetime import datetime
-
 from lmstrain.atomic import atomic_path, write_text
 from lmstrain.errors import UserError
+from lmstrain.lms import SwapSettings
+from lmstrain.lms.simulate import default_executor
+from lmstrain.lms.sizing import check_size, physical_memory, scaled_shape
 from lmstrain.model.unet3d import divisor
 from lmstrain.report import plot_maxres, plot_step_times
+from lmstrain.transfer import transfer_model
 from lmstrain.units import format_bytes, parse_bytes
 
 STATUSES = ("ok", "oom", "crash", "timeout")
@@ -108,13 +111,8 @@ def scaled_shapes(base_shape, sizes, divisor):
     Each axis is rounded down to a multiple of ``divisor`` (at least ``divisor``); sizes that
     round to the same shape appear once. Returns ``[(largest_edge, shape), ...]`` ascending.
     """
-    largest = max(base_shape)
-    shapes = {}
-    for size in sizes:
-        shape = tuple(max(divisor, int(edge * size / largest) // divisor * divisor)
-                      for edge in base_shape)
-        shapes.setdefault(shape, max(shape))
-    return sorted(((edge, shape) for shape, edge in shapes.items()), key=lambda x: x[0])
+    shapes = {scaled_shape(base_shape, size, divisor) for size in sizes}
+    return sorted(((max(shape), shape) for shape in shapes), key=lambda x: (x[0], x[1]))
 
 
 def search_largest(candidates, run, start=0):
@@ -160,10 +158,13 @@ class SweepOptions:
     mode: str = "measure"
     fixed_size: int = None
     timeout_s: float = 900.0
+    host_memory: int = None
+    executor: str = None
 
     @classmethod
     def parse(cls, config, sizes=None, batch_sizes=None, lms="both", device_memory=None,
-              mode="measure", fixed_size=None, timeout_s=900.0):
+              mode="measure", fixed_size=None, timeout_s=900.0, host_memory=None,
+              executor=None):
         """Options from command-line strings; defaults come from ``config``."""
         step = divisor(config.model.depth)
         largest = max(config.data.shape)
@@ -185,7 +186,9 @@ class SweepOptions:
                    batch_sizes=parse_int_list(batch_sizes or str(config.train.batch_size),
                                               "--batch-sizes"),
                    lms={"off": [False], "on": [True], "both": [False, True]}[lms],
-                   budgets=budgets, mode=mode, fixed_size=fixed_size, timeout_s=timeout_s)
+                   budgets=budgets, mode=mode, fixed_size=fixed_size, timeout_s=timeout_s,
+                   host_memory=host_memory or physical_memory(),
+                   executor=executor or default_executor())
 
 
 def default_out_dir(config):
@@ -214,7 +217,13 @@ def format_table(summary):
 
 
 class Sweep:
-    """One sweep's output folder: trial files, results.json, results.csv and plots."""
+    """One sweep's output folder: trial files, results.json, results.csv and plots.
+
+    In measure mode each trial is a real training run (:func:`run_trial_process`) with the
+    swap callback's default settings; the simulator seeds the search and predicts each
+    trial's peak. In simulate mode each "trial" is a simulation of the step (swap settings
+    auto-tuned for the budget, as ``lmstrain plan`` does), and nothing is trained.
+    """
 
     def __init__(self, config, options, out_dir, resume=False):
         self.config, self.options, self.out_dir = config, options, Path(out_dir)
@@ -225,23 +234,22 @@ class Sweep:
         self.trial_dir.mkdir(parents=True, exist_ok=True)
         self.trials, self.summary = [], []
         self.divisor = divisor(config.model.depth)
+        self._estimates = {}
+        self._on_trial = None
 
-    @property
-    def n_searches(self):
-        o = self.options
-        return len(o.budgets) * (1 if o.fixed_size else len(o.batch_sizes)) * len(o.lms)
+    def run(self, on_trial=None):
+        """Search every (budget, batch, lms) combination; return the results dict.
 
-    def run(self, progress=None):
-        """Search every (budget, batch, lms) combination; return the results dict."""
+        ``on_trial(trial)`` is called after each trial (a progress bar, say).
+        """
         o = self.options
+        self._on_trial = on_trial
         batches = [None] if o.fixed_size else o.batch_sizes
         for budget in o.budgets:
             for batch in batches:
                 for swap in o.lms:
                     self.summary.append(self._search(budget, batch, swap))
                     self._write()
-                    if progress:
-                        progress()
         plot_maxres(self.summary, self.out_dir / "max_voxels.png")
         plot_step_times([t.to_dict() for t in self.trials], self.out_dir / "step_time.png")
         return self.results()
@@ -249,7 +257,8 @@ class Sweep:
     def _search(self, budget, batch, swap):
         o = self.options
         if o.fixed_size:
-            ((size, shape),) = scaled_shapes(self.config.data.shape, [o.fixed_size], self.divisor)
+            ((_size, shape),) = scaled_shapes(self.config.data.shape, [o.fixed_size],
+                                              self.divisor)
             specs = [TrialSpec(shape, b, swap, budget) for b in o.batch_sizes]
         else:
             specs = [TrialSpec(shape, batch, swap, budget)
@@ -266,36 +275,97 @@ class Sweep:
                        max_voxels=int(prod(spec.shape)))
             if o.fixed_size:
                 row["max_batch"] = spec.batch
+            if swap:
+                row["transfer_model"] = self._transfer(spec, trials[
+                    [t.shape == list(spec.shape) and t.batch == spec.batch for t in trials]
+                    .index(True)])
         return row
 
     def _seed(self, specs):
-        """Index of the candidate to try first: the simulator's largest fitting one."""
-        predictions = [self._predicted(spec) for spec in specs]
-        fitting = [i for i, p in enumerate(predictions) if p is not None and p <= specs[i].device_memory_bytes]
-        return fitting[-1] if fitting else 0
+        """Index of the candidate to try first: the largest one predicted to fit, found by
+        bisecting the candidates with the simulator, so the search starts next to the limit
+        and needs few trials."""
+        low, high = 0, len(specs) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._simulate(specs[middle])[0]:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
-    def _predicted(self, spec):
-        return None
+    def _simulate(self, spec):
+        """``(fits, limited_by, estimate)`` of ``spec`` by the simulator, cached.
+
+        Measure mode simulates what its trials run (the callback's default swap settings);
+        simulate mode auto-tunes the settings for the budget, as ``lmstrain plan`` does.
+        """
+        if spec not in self._estimates:
+            swap = (True if self.options.mode == "simulate" else SwapSettings()) if spec.lms \
+                else False
+            fits, limit, estimate, _settings = check_size(
+                self.config, spec.shape, spec.batch, spec.device_memory_bytes, swap,
+                self.options.executor or default_executor(),
+                self.options.host_memory or physical_memory())
+            self._estimates[spec] = (fits, limit, estimate)
+        return self._estimates[spec]
 
     def _trial(self, spec):
+        """The trial at ``spec``: reused from an earlier run of this sweep, or run now."""
         path = self.trial_dir / f"{spec.key}.json"
         if path.exists():
-            return Trial(**json.loads(path.read_text()))
-        trial = run_trial_process(self.config, spec, self.trial_dir, self.options.timeout_s)
-        trial.predicted_peak_bytes = self._predicted(spec)
-        write_text(path, json.dumps(trial.to_dict(), indent=2) + "\n")
+            trial = Trial(**json.loads(path.read_text()))
+        else:
+            trial = self._run_trial(spec)
+            write_text(path, json.dumps(trial.to_dict(), indent=2) + "\n")
+        if self._on_trial:
+            self._on_trial(trial)
+        return trial
+
+    def _run_trial(self, spec):
+        """A real trial (measure mode) or the simulator's verdict (simulate mode), with the
+        simulator's predictions attached."""
+        fits, limit, estimate = self._simulate(spec)
+        if self.options.mode == "simulate":
+            trial = Trial(shape=list(spec.shape), size=spec.size, batch=spec.batch,
+                          lms=spec.lms, device_memory_bytes=spec.device_memory_bytes,
+                          status="ok" if fits else "oom", reason=limit or "",
+                          source=f"simulated ({estimate.executor if estimate else '-'} "
+                                 "executor order)" if estimate else "simulated")
+        else:
+            trial = run_trial_process(self.config, spec, self.trial_dir, self.options.timeout_s)
+        if estimate is not None:
+            trial.predicted_peak_bytes = int(estimate.peak_bytes)
+            trial.extra.update(predicted_bound_bytes=int(estimate.bound_bytes),
+                               predicted_bound_op=estimate.bound_op,
+                               predicted_host_bytes=int(estimate.host_bytes),
+                               predicted_limit=limit,
+                               flops=estimate.flops,
+                               predicted_swapped_bytes=int(estimate.swapped_bytes))
         return trial
 
     def _limited_by(self, specs, best, trials):
-        failed = [t for t in trials if not t.ok]
+        """What stopped the search: the range, or why the first failing candidate failed."""
         if best is not None and best == len(specs) - 1:
             return "size range" if not self.options.fixed_size else "batch range"
+        failed = [t for t in trials if not t.ok]
         if not failed:
             return None
-        status = failed[-1].status if best is None else next(
-            t.status for t in trials if t.shape == list(specs[best + 1].shape)
+        above = failed[-1] if best is None else next(
+            t for t in trials if t.shape == list(specs[best + 1].shape)
             and t.batch == specs[best + 1].batch)
-        return {"oom": "device memory", "crash": "crash", "timeout": "timeout"}[status]
+        if above.status != "oom":
+            return above.status  # crash or timeout
+        # A measured OOM: the simulator tells a single op or the element count apart.
+        predicted = above.extra.get("predicted_limit")
+        return predicted if predicted in ("single op", "element count", "host memory") \
+            else "device memory"
+
+    def _transfer(self, spec, trial):
+        """The GPU transfer-time model for the swap plan at ``spec`` (see transfer.py)."""
+        swapped = trial.extra.get("swapped_bytes") or trial.extra.get("predicted_swapped_bytes")
+        flops = trial.extra.get("flops")
+        return transfer_model(swapped, flops) if swapped and flops else None
 
     def results(self):
         return {"config": self.config.to_dict(), "options": asdict(self.options),

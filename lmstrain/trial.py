@@ -13,15 +13,15 @@ and writes what happened:
   CPU without swapping: peak of the BFC allocator capped at the budget
   (``TF_CPU_BFC_MEM_LIMIT_IN_MB``), so going over raises ResourceExhaustedError;
   CPU with swapping: the allocator cannot be capped (host copies share it), so the trial runs
-  uncapped in deepcopy measurement mode and the peak is the compute device's share, replayed
-  from the profiler's allocation events; the trial fits when that peak is within the budget.
+  uncapped in deepcopy measurement mode and the peak is what the allocator held when the
+  measured step began plus the compute device's share of the step (replayed from the
+  profiler's allocation events); the trial fits when that peak is within the budget.
 """
 
 import json
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -30,7 +30,8 @@ import tensorflow as tf
 
 from lmstrain.atomic import write_text
 from lmstrain.config import config_from_dict
-from lmstrain.lms import LMS, devices, measure, record_graphs, split_cpu
+from lmstrain.lms import LMS, record_graphs, split_cpu
+from lmstrain.lms.trial_memory import COMPUTE, StepProbe, profiled_peaks
 from lmstrain.model import build_model
 from lmstrain.train import compile_model
 
@@ -45,9 +46,11 @@ SOURCES = {
                   "(TF_CPU_BFC_MEM_LIMIT_IN_MB; oneDNN, one inter-op thread), after a warm-up "
                   "step; over the cap raises ResourceExhaustedError",
     "cpu-device-attributed": "measured: uncapped CPU run with swapping in deepcopy mode "
-                             "(compute /CPU:0, host /CPU:1); peak of the buffers allocated by "
-                             "compute-device ops in one profiled step (profiler allocation "
-                             "events replayed by address); fits when within the budget",
+                             "(compute /CPU:0, host /CPU:1); what the BFC allocator held when "
+                             "the measured step began (weights, optimizer state, batch) plus "
+                             "the peak of the buffers compute-device ops allocated during it "
+                             "(profiler allocation events replayed by address, allocator chunk "
+                             "sizes); fits when within the budget",
 }
 
 
@@ -78,10 +81,11 @@ def run(spec):
     keras.utils.set_random_seed(0)
     config = config_from_dict(spec["config"])
     shape, batch = tuple(spec["shape"]), spec["batch"]
+    steps = WARMUP_STEPS + TIMED_STEPS + 1  # the last step is the measured one
     profile = source == "cpu-device-attributed"
-    steps = WARMUP_STEPS + TIMED_STEPS + int(profile)
-    probe = _Probe(reset_device=None if profile else ("GPU:0" if gpu else "CPU:0"),
-                   profile_step=steps - 1 if profile else None, logdir=tempfile.mkdtemp())
+    logdir = tempfile.mkdtemp() if profile else None
+    probe = StepProbe(profile_step=steps - 1, logdir=logdir,
+                      memory_device="GPU:0" if gpu else "CPU:0")
     callbacks = [probe]
     swap = None
     if spec["lms"]:
@@ -98,18 +102,18 @@ def run(spec):
     result["step_time_s"] = statistics.median(probe.times[WARMUP_STEPS:WARMUP_STEPS + TIMED_STEPS])
     if swap is not None and swap.plans:
         result["swapped_bytes"] = swap.plans[-1].swapped_bytes
-    if profile:
-        placement = measure.op_devices(recorded.run_metadata)
-        peak = measure.device_peak(
-            measure.buffers(measure.load_xspace(probe.logdir)),
-            lambda op: op in placement and devices.same(placement[op], "/CPU:0"))
-        result["measured_peak_bytes"] = peak.peak_bytes
-        if peak.peak_bytes > budget:
-            return {**result, "status": "oom",
-                    "reason": f"device-attributed peak {peak.peak_bytes / MIB:.1f} MiB exceeds "
-                              f"the budget of {budget / MIB:.1f} MiB (uncapped measurement)"}
-    else:
-        result["measured_peak_bytes"] = probe.peak_bytes
+    if not profile:
+        result["measured_peak_bytes"] = probe.memory_after["peak"]
+        return {**result, "status": "ok", "reason": ""}
+    peaks = profiled_peaks(logdir, recorded.run_metadata, COMPUTE)
+    resident = probe.memory_before["current"]
+    peak = resident + peaks["step_peak_allocation_bytes"]
+    result.update(measured_peak_bytes=peak, resident_bytes=resident,
+                  step_peak_allocation_bytes=peaks["step_peak_allocation_bytes"])
+    if peak > budget:
+        return {**result, "status": "oom",
+                "reason": f"device-attributed peak {peak / MIB:.1f} MiB exceeds the budget of "
+                          f"{budget / MIB:.1f} MiB (uncapped measurement)"}
     return {**result, "status": "ok", "reason": ""}
 
 
@@ -129,29 +133,6 @@ def _random_batches(shape, batch):
         return image, regions
 
     return tf.data.Dataset.range(1_000_000).map(make)
-
-
-class _Probe(keras.callbacks.Callback):
-    """Times each step; resets the allocator peak after warm-up; profiles one step."""
-
-    def __init__(self, reset_device, profile_step, logdir):
-        super().__init__()
-        self.reset_device, self.profile_step, self.logdir = reset_device, profile_step, logdir
-        self.times, self.peak_bytes = [], None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == WARMUP_STEPS and self.reset_device:
-            tf.config.experimental.reset_memory_stats(self.reset_device)
-        if batch == self.profile_step:
-            tf.profiler.experimental.start(self.logdir)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-        if batch == self.profile_step:
-            tf.profiler.experimental.stop()
-        if self.reset_device:
-            self.peak_bytes = tf.config.experimental.get_memory_info(self.reset_device)["peak"]
 
 
 def main(argv=None):

@@ -77,9 +77,10 @@ def test_resume_reuses_finished_trials(tiny, tmp_path):
     options = SweepOptions(sizes=[16, 24, 32], batch_sizes=[1], lms=[False],
                            budgets=[2**30])
     sweep = Sweep(tiny, options, tmp_path / "sweep")
-    # Trials an interrupted sweep finished. The recorded outcome at 24^3 ("oom" at 1 GiB)
-    # is not what a real trial would give, so the summary shows they were reused.
-    for size, status in ((16, "ok"), (24, "oom")):
+    # Trials an interrupted sweep finished. The recorded outcome at 32^3 ("oom" at 1 GiB)
+    # is not what a real trial would give, so the summary shows they were reused. The
+    # simulator seeds the search at 32^3 (it fits in 1 GiB), so no new trial runs.
+    for size, status in ((24, "ok"), (32, "oom")):
         spec = TrialSpec((size,) * 3, 1, False, 2**30)
         trial = Trial(shape=[size] * 3, size=size, batch=1, lms=False,
                       device_memory_bytes=2**30, status=status, source="cpu-capped")
@@ -88,9 +89,9 @@ def test_resume_reuses_finished_trials(tiny, tmp_path):
         Sweep(tiny, options, tmp_path / "sweep")
     results = Sweep(tiny, options, tmp_path / "sweep", resume=True).run()
     assert results["summary"] == [{
-        "device_memory_bytes": 2**30, "batch": 1, "lms": False, "max_size": 16,
-        "max_shape": [16, 16, 16], "max_voxels": 4096, "limited_by": "device memory"}]
-    assert [t["size"] for t in results["trials"]] == [16, 24]
+        "device_memory_bytes": 2**30, "batch": 1, "lms": False, "max_size": 24,
+        "max_shape": [24, 24, 24], "max_voxels": 24**3, "limited_by": "device memory"}]
+    assert [t["size"] for t in results["trials"]] == [32, 24]
     saved = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert saved["summary"] == results["summary"]
     header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0]
@@ -129,3 +130,28 @@ def test_a_child_that_dies_is_a_crash_and_a_slow_one_a_timeout(tiny, tmp_path):
     assert _death(child) == "killed by SIGSEGV: last words"
     slow = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, False, 2**30), tmp_path, 1)
     assert slow.status == "timeout" and slow.reason == "no result within 1 s"
+
+
+def test_simulate_mode_finds_both_limits_without_training_and_resumes(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {base_filters: 4, depth: 3}\ndata: {shape: [16, 16, 16]}\n")
+    args = ["maxres", str(config), "--mode", "simulate", "--device-memory", "48MiB",
+            "--sizes", "16:128:8", "--batch-sizes", "1", "--out", str(tmp_path / "o"),
+            "--executor", "cpu", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.output)
+    off, on = results["summary"]
+    assert off["max_size"] and on["max_size"] > off["max_size"]  # swapping trains larger
+    for row in (off, on):  # each maximum is confirmed by a simulated failure one step above
+        above = [t for t in results["trials"] if t["lms"] == row["lms"]
+                 and t["size"] == row["max_size"] + 8]
+        assert [t["status"] for t in above] == ["oom"] and row["limited_by"]
+        trials = [t for t in results["trials"] if t["lms"] == row["lms"]]
+        assert all(t["source"].startswith("simulated") for t in trials)
+        assert all(t["predicted_peak_bytes"] <= 48 * 2**20 for t in trials if t["status"] == "ok")
+    assert [link["link"] for link in on["transfer_model"]["links"]][0] == "PCIe 3.0 x16"
+    assert on["transfer_model"]["swapped_bytes_per_step"] > 0
+    assert len(list((tmp_path / "o" / "trials").glob("*.json"))) == len(results["trials"])
+    again = CliRunner().invoke(main, [*args, "--resume"])
+    assert again.exit_code == 0 and json.loads(again.output)["summary"] == results["summary"]

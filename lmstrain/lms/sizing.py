@@ -87,26 +87,7 @@ def max_size(config, batch, device_memory, swap, *, executor=None, host_memory=N
     shapes = candidate_shapes(config.data.shape, divisor(config.model.depth))
 
     def check(shape):
-        """(fits, limited_by, estimate, settings) of a direct simulation at ``shape``."""
-        if swap:
-            try:
-                choice = autotune_step(config, shape, batch, device_memory, executor,
-                                       retrace=False)
-            except LMSParameterError as error:
-                limit = "single op" if " on its own" in str(error) else "device memory"
-                return False, limit, None, None
-            result, settings = choice.estimate, choice.settings.to_dict()
-        else:
-            result, settings = simulate_step(config, shape, batch, executor=executor,
-                                             device_memory=device_memory), None
-        if result.largest_tensor_elements > ELEMENT_LIMIT:
-            return False, "element count", result, settings
-        if swap and result.host_bytes > host_memory:
-            return False, "host memory", result, settings
-        if not result.fits(device_memory):
-            limit = "single op" if result.bound_bytes > device_memory else "device memory"
-            return False, limit, result, settings
-        return True, None, result, settings
+        return check_size(config, shape, batch, device_memory, swap, executor, host_memory)
 
     start, guess = _extrapolated_start(config, batch, device_memory, swap, executor,
                                        host_memory, shapes)
@@ -139,6 +120,35 @@ def max_size(config, batch, device_memory, swap, *, executor=None, host_memory=N
     following = shapes[index + 1] if index + 1 < len(shapes) else None
     return SizeLimit(max(shape), shape, voxels(shape), limit, result, settings, following,
                      guess)
+
+
+def check_size(config, shape, batch, device_memory, swap, executor, host_memory):
+    """Simulate one size directly: ``(fits, limited_by, estimate, settings)``.
+
+    ``swap``: False, True (settings auto-tuned from ``config.lms`` for the budget), or a
+    :class:`~lmstrain.lms.settings.SwapSettings` to simulate as given. ``limited_by`` is None
+    when it fits, else one of :data:`LIMITS`.
+    """
+    if swap is True:
+        try:
+            choice = autotune_step(config, shape, batch, device_memory, executor,
+                                   retrace=False)
+        except LMSParameterError as error:
+            limit = "single op" if " on its own" in str(error) else "device memory"
+            return False, limit, None, None
+        result, settings = choice.estimate, choice.settings.to_dict()
+    else:
+        result = simulate_step(config, shape, batch, plan=swap or None, executor=executor,
+                               device_memory=device_memory)
+        settings = swap.to_dict() if swap else None
+    if result.largest_tensor_elements > ELEMENT_LIMIT:
+        return False, "element count", result, settings
+    if swap and result.host_bytes > host_memory:
+        return False, "host memory", result, settings
+    if not result.fits(device_memory):
+        limit = "single op" if result.bound_bytes > device_memory else "device memory"
+        return False, limit, result, settings
+    return True, None, result, settings
 
 
 def _extrapolated_start(config, batch, budget, swap, executor, host_memory, shapes):

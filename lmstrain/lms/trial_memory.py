@@ -151,8 +151,9 @@ def op_at(runs, time_ps):
 
 
 class StepProbe(keras.callbacks.Callback):
-    """Times every step; profiles step ``profile_step`` and, when ``memory_device`` is set,
-    resets the allocator's peak before it and reads ``get_memory_info`` around it."""
+    """Times every step; at step ``profile_step`` profiles it (unless ``logdir`` is None) and,
+    when ``memory_device`` is set, resets the allocator's peak before it and reads
+    ``get_memory_info`` around it."""
 
     def __init__(self, profile_step, logdir, memory_device=None):
         super().__init__()
@@ -164,13 +165,15 @@ class StepProbe(keras.callbacks.Callback):
             if self.memory_device:
                 tf.config.experimental.reset_memory_stats(self.memory_device)
                 self.memory_before = tf.config.experimental.get_memory_info(self.memory_device)
-            tf.profiler.experimental.start(self.logdir)
+            if self.logdir:
+                tf.profiler.experimental.start(self.logdir)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter() - self._start)
         if batch == self.profile_step:
-            tf.profiler.experimental.stop()
+            if self.logdir:
+                tf.profiler.experimental.stop()
             if self.memory_device:
                 self.memory_after = tf.config.experimental.get_memory_info(self.memory_device)
 
