@@ -252,7 +252,8 @@ class ByteSize(click.ParamType):
               help="Seconds before a trial counts as timeout.")
 @click.option("--host-memory", type=ByteSize(), metavar="SIZE",
               help="Host memory for swapped tensors, for the simulator (default: this "
-                   "machine's RAM).")
+                   "machine's RAM; with --executor gpu on a machine without a GPU, no limit: "
+                   "only reported).")
 @click.option("--executor", type=click.Choice(["cpu", "gpu"]),
               help="Whose execution order the simulator emulates (default: this machine's).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the results as JSON.")
@@ -316,7 +317,8 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
               help="Device memory budget, e.g. 16GiB (MiB, GiB, MB, GB). Default: "
                    "lms.device_memory, else the GPU's.")
 @click.option("--host-memory", type=ByteSize(), metavar="SIZE",
-              help="Host memory for swapped tensors (default: this machine's RAM).")
+              help="Host memory for swapped tensors (default: this machine's RAM; with "
+                   "--executor gpu on a machine without a GPU, no limit: only reported).")
 @click.option("--executor", type=click.Choice(["cpu", "gpu"]),
               help="Whose execution order to emulate (default: this machine's: gpu when "
                    "TensorFlow sees one).")

@@ -22,7 +22,7 @@ from lmstrain.atomic import atomic_path, write_text
 from lmstrain.errors import UserError
 from lmstrain.lms import SwapSettings
 from lmstrain.lms.simulate import default_executor
-from lmstrain.lms.sizing import check_size, physical_memory, scaled_shape
+from lmstrain.lms.sizing import check_size, default_host_memory, scaled_shape
 from lmstrain.model.unet3d import divisor
 from lmstrain.report import plot_maxres, plot_step_times
 from lmstrain.transfer import transfer_model
@@ -158,7 +158,7 @@ class SweepOptions:
     mode: str = "measure"
     fixed_size: int = None
     timeout_s: float = 900.0
-    host_memory: int = None
+    host_memory: int = None  # for swapped tensors; None = not a limit (only reported)
     executor: str = None
 
     @classmethod
@@ -182,13 +182,14 @@ class SweepOptions:
                 raise UserError(f"--device-memory: {err}") from None
         if not all(budgets):
             raise UserError("--device-memory must be larger than zero")
+        executor = executor or default_executor()
         return cls(sizes=parse_sizes(sizes),
                    batch_sizes=parse_int_list(batch_sizes or str(config.train.batch_size),
                                               "--batch-sizes"),
                    lms={"off": [False], "on": [True], "both": [False, True]}[lms],
                    budgets=budgets, mode=mode, fixed_size=fixed_size, timeout_s=timeout_s,
-                   host_memory=host_memory or physical_memory(),
-                   executor=executor or default_executor())
+                   executor=executor,
+                   host_memory=host_memory or default_host_memory(executor))
 
 
 def default_out_dir(config):
@@ -198,9 +199,10 @@ def default_out_dir(config):
 
 
 def format_table(summary):
-    """The summary as a text table, with the with/without voxel ratio per budget and batch."""
+    """The summary as a text table, with the with/without voxel ratio per budget and batch and,
+    with swapping, the host memory the swapped tensors need (predicted)."""
     header = (f"{'budget':>10} {'batch':>5} {'swap':>4} {'max size':>8} {'shape':>14} "
-              f"{'voxels':>12} {'ratio':>6}  limited by")
+              f"{'voxels':>12} {'ratio':>6} {'host':>10}  limited by")
     lines = [header, "-" * len(header)]
     for row in summary:
         off = next((r for r in summary if not r["lms"] and r["batch"] == row["batch"]
@@ -209,9 +211,11 @@ def format_table(summary):
                  if row["lms"] and off and off["max_voxels"] and row["max_voxels"] else "")
         shape = "x".join(map(str, row["max_shape"])) if row["max_shape"] else "-"
         batch = row.get("max_batch", row["batch"])
+        host = format_bytes(row["predicted_host_bytes"]) if row.get("predicted_host_bytes") \
+            else ""
         lines.append(f"{format_bytes(row['device_memory_bytes']):>10} {batch!s:>5} "
                      f"{'on' if row['lms'] else 'off':>4} {row['max_size'] or '-':>8} "
-                     f"{shape:>14} {row['max_voxels'] or '-':>12} {ratio:>6}  "
+                     f"{shape:>14} {row['max_voxels'] or '-':>12} {ratio:>6} {host:>10}  "
                      f"{row['limited_by'] or ''}")
     return "\n".join(lines)
 
@@ -276,9 +280,10 @@ class Sweep:
             if o.fixed_size:
                 row["max_batch"] = spec.batch
             if swap:
-                row["transfer_model"] = self._transfer(spec, trials[
-                    [t.shape == list(spec.shape) and t.batch == spec.batch for t in trials]
-                    .index(True)])
+                trial = next(t for t in trials
+                             if t.shape == list(spec.shape) and t.batch == spec.batch)
+                row["predicted_host_bytes"] = trial.extra.get("predicted_host_bytes")
+                row["transfer_model"] = self._transfer(trial)
         return row
 
     def _seed(self, specs):
@@ -305,8 +310,7 @@ class Sweep:
                 else False
             fits, limit, estimate, _settings = check_size(
                 self.config, spec.shape, spec.batch, spec.device_memory_bytes, swap,
-                self.options.executor or default_executor(),
-                self.options.host_memory or physical_memory())
+                self.options.executor, self.options.host_memory)
             self._estimates[spec] = (fits, limit, estimate)
         return self._estimates[spec]
 
@@ -330,8 +334,7 @@ class Sweep:
             trial = Trial(shape=list(spec.shape), size=spec.size, batch=spec.batch,
                           lms=spec.lms, device_memory_bytes=spec.device_memory_bytes,
                           status="ok" if fits else "oom", reason=limit or "",
-                          source=f"simulated ({estimate.executor if estimate else '-'} "
-                                 "executor order)" if estimate else "simulated")
+                          source=f"simulated ({self.options.executor} executor order)")
         else:
             trial = run_trial_process(self.config, spec, self.trial_dir, self.options.timeout_s)
         if estimate is not None:
@@ -361,8 +364,8 @@ class Sweep:
         return predicted if predicted in ("single op", "element count", "host memory") \
             else "device memory"
 
-    def _transfer(self, spec, trial):
-        """The GPU transfer-time model for the swap plan at ``spec`` (see transfer.py)."""
+    def _transfer(self, trial):
+        """The GPU transfer-time model for a swap-on trial's plan (see transfer.py)."""
         swapped = trial.extra.get("swapped_bytes") or trial.extra.get("predicted_swapped_bytes")
         flops = trial.extra.get("flops")
         return transfer_model(swapped, flops) if swapped and flops else None

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lmstrain.atomic import write_text
 from lmstrain.config import load_config
-from lmstrain.lms.sizing import check_size, scaled_shape
+from lmstrain.lms.sizing import check_size, default_host_memory, scaled_shape
 from lmstrain.model.unet3d import divisor
 from lmstrain.sweep import TrialSpec, run_trial_process
 from lmstrain.transfer import ASSUMPTIONS, LINKS, transfer_model
@@ -87,6 +87,7 @@ def modelled(config_path, budget, host_memory, executor, batch):
                          "voxel_factor": prod(shape) / prod(base),
                          "predicted_peak_bytes": int(estimate.peak_bytes),
                          "swapped_bytes": int(estimate.swapped_bytes), "flops": estimate.flops,
+                         "host_bytes": int(estimate.host_bytes),
                          "overhead": {r["link"]: r["overhead"] for r in model["links"]},
                          "bandwidth_bound": {r["link"]: r["bandwidth_bound"]
                                              for r in model["links"]}})
@@ -128,7 +129,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gpu-config", default=str(ROOT / "configs/brats2021_isensee.yaml"))
     parser.add_argument("--device-memory", default="16GiB")
-    parser.add_argument("--host-memory", default="512GiB")
+    parser.add_argument("--host-memory", default=None,
+                        help="default: not a limit with the GPU executor (only reported)")
     parser.add_argument("--executor", default="gpu", choices=["cpu", "gpu"])
     parser.add_argument("--out", default=str(ROOT / "bench/results/overhead.json"))
     args = parser.parse_args()
@@ -140,7 +142,8 @@ def main():
            "sizes": measured(args.cpu_config, [int(s) for s in args.cpu_sizes.split(",")],
                              args.repeats)}
     gpu = modelled(args.gpu_config, parse_bytes(args.device_memory),
-                   parse_bytes(args.host_memory), args.executor, None)
+                   parse_bytes(args.host_memory) if args.host_memory
+                   else default_host_memory(args.executor), args.executor, None)
     gpu["model"] = ASSUMPTIONS
     result = {"measured_cpu": cpu, "modelled_gpu": gpu,
               "summary_markdown": summary_markdown(cpu, gpu)}

@@ -24,7 +24,7 @@ def maxres_section(title, results, how):
         return []
     lines = [f"### {title}", "", how, "",
              "| budget | batch | swapping | largest size | shape | voxels | vs. without | "
-             "limited by |", "|---|---|---|---|---|---|---|---|"]
+             "limited by | host memory needed |", "|---|---|---|---|---|---|---|---|---|"]
     summary = results["summary"]
     for row in summary:
         off = next((r for r in summary if not r["lms"] and r["batch"] == row["batch"]
@@ -35,7 +35,7 @@ def maxres_section(title, results, how):
         lines.append(f"| {format_bytes(row['device_memory_bytes'])} | "
                      f"{row.get('max_batch', row['batch'])} | {'on' if row['lms'] else 'off'} | "
                      f"{row['max_size'] or '-'} | {shape} | {row['max_voxels'] or '-'} | {ratio} | "
-                     f"{row['limited_by'] or ''} |")
+                     f"{row['limited_by'] or ''} | {_host_bytes(results, row)} |")
     sources = {t["source"]: t.get("extra", {}).get("measure", "")
                for t in results["trials"] if t.get("source")}
     lines += ["", "| size | batch | swapping | status | measured peak | predicted peak | "
@@ -47,6 +47,15 @@ def maxres_section(title, results, how):
                      f" | {_seconds(t['step_time_s'])} | `{t['source']}` |")
     lines += [""] + [f"- `{source}`: {how}" for source, how in sorted(sources.items()) if how]
     return lines + [""]
+
+
+def _host_bytes(results, row):
+    """Host memory the swapped tensors need at a swap-on maximum (the simulator's figure)."""
+    if not row["lms"] or not row["max_shape"]:
+        return ""
+    trial = next(t for t in results["trials"] if t["lms"] and t["shape"] == row["max_shape"]
+                 and t["device_memory_bytes"] == row["device_memory_bytes"])
+    return f"{_bytes(trial['extra'].get('predicted_host_bytes'))} (simulated)"
 
 
 def _bytes(value):
@@ -90,10 +99,15 @@ def main():
         "held between steps plus the profiler-replayed step peak) is within the budget.")
     lines += maxres_section(
         "Simulated for BraTS-size training", load("maxres-sim/results.json"),
-        "Simulated (`--mode simulate`, configs/brats2021_isensee.yaml): predicted allocator "
-        "peaks of the traced training step, validated on CPU against measured peaks "
-        "(bench/results/simulator_accuracy.json). TFLMS published 2.4x (talk) and 5.6x (2019 "
-        "paper) on a 3D U-Net.")
+        "Simulated, not measured (`--mode simulate --executor gpu`, "
+        "configs/brats2021_isensee.yaml, swap settings auto-tuned per size and budget): "
+        "predicted allocator peaks of the traced training step under a GPU executor's order; "
+        "the simulator is validated on CPU (CPU executor order) against measured peaks "
+        "(bench/results/simulator_accuracy.json), the GPU order has not been checked on a GPU. "
+        "Host memory is not a limit here (the GPU machine's RAM is unknown); the host memory "
+        "the swapped tensors need is reported. The element-count limit is a tensor over "
+        "2^31-1 elements (cuDNN). TFLMS published 2.4x (talk) and 5.6x (2019 paper) on a "
+        "3D U-Net.")
     overhead = load("overhead.json")
     if overhead:
         lines += ["## Swap overhead (`make bench-overhead`)", "", overhead["summary_markdown"], ""]

@@ -55,3 +55,36 @@ def test_a_bad_device_memory_exits_2(config_file, value):
     result = CliRunner().invoke(main, ["plan", str(config_file), "--device-memory", value])
     assert result.exit_code == 2
     assert "Invalid value for '--device-memory'" in result.output
+
+
+def test_host_memory_defaults_to_the_machine_that_will_train(monkeypatch):
+    from lmstrain.lms import sizing
+    from lmstrain.lms.sizing import physical_memory
+
+    monkeypatch.setattr(sizing.tf.config, "list_physical_devices", lambda kind=None: [])
+    # No GPU here: the CPU executor's order is this machine's (its RAM holds the host copies);
+    # the GPU executor's order plans for another machine, whose RAM is unknown: no limit.
+    assert sizing.default_host_memory("cpu") == physical_memory()
+    assert sizing.default_host_memory("gpu") is None
+    # A GPU here: TensorFlow's pinned host allocator, as lmstrain fit sets it up.
+    monkeypatch.setattr(sizing.tf.config, "list_physical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.delenv("TF_GPU_HOST_MEM_LIMIT_IN_MB", raising=False)
+    assert sizing.default_host_memory("gpu") == physical_memory()
+    monkeypatch.setenv("TF_GPU_HOST_MEM_LIMIT_IN_MB", "1024")
+    assert sizing.default_host_memory("gpu") == 2**30
+
+
+def test_the_text_says_when_host_memory_is_not_a_limit():
+    from lmstrain.lms.capacity import format_capacity
+
+    report = {"shape": [16, 16, 16], "batch": 1, "executor": "gpu",
+              "device_memory_bytes": None, "host_memory_bytes": None,
+              "breakdown_without_swap": {}, "breakdown_with_swap": {},
+              "op_output_peak_bytes_without_swap": 1, "op_output_peak_bytes_with_swap": 1,
+              "peak_bytes_without_swap": 1, "peak_bytes_with_swap": 1,
+              "peak_op_without_swap": "a", "peak_op_with_swap": "b",
+              "swapped_bytes_per_step": 0, "host_bytes_with_swap": 0, "bound_bytes": 1,
+              "bound_op": "a", "largest_tensor": "t", "largest_tensor_elements": 1,
+              "element_limit_size": None}
+    assert "host memory not limited (pass --host-memory)" in format_capacity(report)[0]

@@ -7,13 +7,15 @@ and with (auto-tuned) swapping, what stops growth, and the first size where a te
 2^31-1 elements. :func:`format_capacity` turns it into the text ``lmstrain plan`` prints.
 """
 
+import math
+
 import tensorflow as tf
 
 from lmstrain.lms import devices
 from lmstrain.lms.estimate import ELEMENT_LIMIT
 from lmstrain.lms.simulate import default_executor, simulate_step
-from lmstrain.lms.sizing import (candidate_shapes, max_size, physical_memory, scaled_shape,
-                                 voxels)
+from lmstrain.lms.sizing import (candidate_shapes, default_host_memory, max_size,
+                                 scaled_shape, voxels)
 from lmstrain.model.unet3d import divisor
 from lmstrain.units import format_bytes
 
@@ -24,14 +26,14 @@ def capacity(config, size=None, batch=None, device_memory=None, host_memory=None
 
     ``size`` scales ``config.data.shape`` so its largest edge is ``size``; ``batch`` defaults
     to ``train.batch_size``; ``device_memory`` to ``lms.device_memory`` (or the GPU's);
-    ``host_memory`` to this machine's RAM.
+    ``host_memory`` to :func:`~lmstrain.lms.sizing.default_host_memory` (None: not a limit, only reported).
     """
     div = divisor(config.model.depth)
     shape = scaled_shape(config.data.shape, size, div) if size else tuple(config.data.shape)
     batch = batch or config.train.batch_size
     budget = device_memory or config.lms.device_memory or _gpu_memory()
-    host = host_memory or physical_memory()
     executor = executor or default_executor()
+    host = host_memory or default_host_memory(executor)
     without = simulate_step(config, shape, batch, executor=executor, device_memory=budget)
     swapped = simulate_step(config, shape, batch, plan=True, executor=executor,
                             device_memory=budget)
@@ -65,6 +67,7 @@ def _limits(config, batch, budget, host, executor):
                 max_size_swap_settings=None, max_size_host_bytes=None)
     if not budget:
         return keys
+    host = host or math.inf
     off = max_size(config, batch, budget, False, executor=executor, host_memory=host)
     on = max_size(config, batch, budget, True, executor=executor, host_memory=host)
     for limit, suffix in ((off, "without"), (on, "with")):
@@ -99,9 +102,10 @@ def format_capacity(report, config_name=""):
     r = report
     shape = "x".join(map(str, r["shape"]))
     budget = format_bytes(r["device_memory_bytes"]) if r["device_memory_bytes"] else "unknown"
+    host = (format_bytes(r["host_memory_bytes"]) if r["host_memory_bytes"]
+            else "not limited (pass --host-memory)")
     lines = [f"{config_name}: input {shape}, batch {r['batch']}; device memory {budget}, host "
-             f"memory {format_bytes(r['host_memory_bytes'])}; {r['executor'].upper()} executor "
-             f"order emulated",
+             f"memory {host}; {r['executor'].upper()} executor order emulated",
              "",
              f"At {shape}, batch {r['batch']}:{'without swapping':>30}{'with swapping':>18}"]
     parts = dict.fromkeys(list(r["breakdown_without_swap"]) + list(r["breakdown_with_swap"]))

@@ -18,7 +18,10 @@ import dataclasses
 import os
 from dataclasses import asdict, dataclass
 
+import tensorflow as tf
+
 from lmstrain.errors import UserError
+from lmstrain.lms import devices
 from lmstrain.lms.estimate import ELEMENT_LIMIT
 from lmstrain.lms.settings import LMSParameterError
 from lmstrain.lms.simulate import (autotune_step, cached_trace, default_executor,
@@ -126,8 +129,8 @@ def check_size(config, shape, batch, device_memory, swap, executor, host_memory)
     """Simulate one size directly: ``(fits, limited_by, estimate, settings)``.
 
     ``swap``: False, True (settings auto-tuned from ``config.lms`` for the budget), or a
-    :class:`~lmstrain.lms.settings.SwapSettings` to simulate as given. ``limited_by`` is None
-    when it fits, else one of :data:`LIMITS`.
+    :class:`~lmstrain.lms.settings.SwapSettings` to simulate as given. ``host_memory`` None
+    means no limit. ``limited_by`` is None when it fits, else one of :data:`LIMITS`.
     """
     if swap is True:
         try:
@@ -143,7 +146,7 @@ def check_size(config, shape, batch, device_memory, swap, executor, host_memory)
         settings = swap.to_dict() if swap else None
     if result.largest_tensor_elements > ELEMENT_LIMIT:
         return False, "element count", result, settings
-    if swap and result.host_bytes > host_memory:
+    if swap and host_memory is not None and result.host_bytes > host_memory:
         return False, "host memory", result, settings
     if not result.fits(device_memory):
         limit = "single op" if result.bound_bytes > device_memory else "device memory"
@@ -186,3 +189,22 @@ def _most_swapping(config):
 def physical_memory():
     """This machine's RAM in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_host_memory(executor):
+    """Host memory for swapped tensors when ``--host-memory`` is not given, or None when it is
+    unknown and not a limit.
+
+    The limit is that of the machine that will train. With a GPU here, it is this machine:
+    swapped tensors live in TensorFlow's pinned host allocator, capped by
+    ``TF_GPU_HOST_MEM_LIMIT_IN_MB``, which ``lmstrain fit`` raises to this machine's RAM unless
+    it is set (``train.prepare_devices``). Without a GPU, the CPU executor's order describes
+    this machine (/CPU:1 plays the host, in the same RAM): its RAM. The GPU executor's order
+    on a machine without a GPU plans for another machine, whose RAM is unknown: the host
+    memory the plan needs is reported, not checked.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        if "TF_GPU_HOST_MEM_LIMIT_IN_MB" in os.environ:
+            return devices.host_memory_limit()
+        return physical_memory()
+    return physical_memory() if executor == "cpu" else None
