@@ -255,7 +255,8 @@ class Sweep:
                     self.summary.append(self._search(budget, batch, swap))
                     self._write()
         plot_maxres(self.summary, self.out_dir / "max_voxels.png")
-        plot_step_times([t.to_dict() for t in self.trials], self.out_dir / "step_time.png")
+        if any(t.step_time_s for t in self.trials):  # measured trials only
+            plot_step_times([t.to_dict() for t in self.trials], self.out_dir / "step_time.png")
         return self.results()
 
     def _search(self, budget, batch, swap):
