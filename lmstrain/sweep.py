@@ -198,17 +198,32 @@ def default_out_dir(config):
         f"{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def swap_gain(summary, row):
+    """For a swap-on summary row: its largest voxels (largest batch with --fixed-size) over
+    the same budget's and batch's row without swapping; None when there is nothing to compare.
+
+    >>> rows = [{"lms": False, "batch": 2, "device_memory_bytes": 1, "max_voxels": 100},
+    ...         {"lms": True, "batch": 2, "device_memory_bytes": 1, "max_voxels": 350}]
+    >>> swap_gain(rows, rows[1]), swap_gain(rows, rows[0])
+    (3.5, None)
+    """
+    key = "max_batch" if "max_batch" in row else "max_voxels"
+    off = next((r for r in summary if not r["lms"] and r["batch"] == row["batch"]
+                and r["device_memory_bytes"] == row["device_memory_bytes"]), None)
+    if not row["lms"] or not off or not off.get(key) or not row.get(key):
+        return None
+    return row[key] / off[key]
+
+
 def format_table(summary):
-    """The summary as a text table, with the with/without voxel ratio per budget and batch and,
+    """The summary as a text table, with :func:`swap_gain` per budget and batch and,
     with swapping, the host memory the swapped tensors need (predicted)."""
     header = (f"{'budget':>10} {'batch':>5} {'swap':>4} {'max size':>8} {'shape':>14} "
               f"{'voxels':>12} {'ratio':>6} {'host':>10}  limited by")
     lines = [header, "-" * len(header)]
     for row in summary:
-        off = next((r for r in summary if not r["lms"] and r["batch"] == row["batch"]
-                    and r["device_memory_bytes"] == row["device_memory_bytes"]), None)
-        ratio = (f"{row['max_voxels'] / off['max_voxels']:.2f}x"
-                 if row["lms"] and off and off["max_voxels"] and row["max_voxels"] else "")
+        gain = swap_gain(summary, row)
+        ratio = f"{gain:.2f}x" if gain else ""
         shape = "x".join(map(str, row["max_shape"])) if row["max_shape"] else "-"
         batch = row.get("max_batch", row["batch"])
         host = format_bytes(row["predicted_host_bytes"]) if row.get("predicted_host_bytes") \

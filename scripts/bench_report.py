@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from lmstrain.atomic import write_text
+from lmstrain.sweep import swap_gain
 from lmstrain.units import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent / "bench"
@@ -27,10 +28,8 @@ def maxres_section(title, results, how):
              "limited by | host memory needed |", "|---|---|---|---|---|---|---|---|---|"]
     summary = results["summary"]
     for row in summary:
-        off = next((r for r in summary if not r["lms"] and r["batch"] == row["batch"]
-                    and r["device_memory_bytes"] == row["device_memory_bytes"]), None)
-        ratio = (f"{row['max_voxels'] / off['max_voxels']:.2f}x" if row["lms"] and off
-                 and off["max_voxels"] and row["max_voxels"] else "")
+        gain = swap_gain(summary, row)
+        ratio = f"{gain:.2f}x" if gain else ""
         shape = "x".join(map(str, row["max_shape"])) if row["max_shape"] else "-"
         lines.append(f"| {format_bytes(row['device_memory_bytes'])} | "
                      f"{row.get('max_batch', row['batch'])} | {'on' if row['lms'] else 'off'} | "
