@@ -375,8 +375,9 @@ class Sweep:
             and t.batch == specs[best + 1].batch)
         if above.status != "oom":
             return above.status  # crash or timeout
-        # A measured OOM: the simulator tells a single op or the element count apart.
-        predicted = above.extra.get("predicted_limit")
+        # A measured OOM: the simulator tells a single op or the element count apart (a
+        # simulated one carries the limit as its reason).
+        predicted = above.extra.get("predicted_limit") or above.reason
         return predicted if predicted in ("single op", "element count", "host memory") \
             else "device memory"
 

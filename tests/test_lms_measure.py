@@ -73,6 +73,23 @@ def test_device_peak_replays_buffers_by_address(tmp_path):
     assert measure.op_runs(space) == [measure.OpRun("fn/conv", "Conv3D", 15, 19)]
 
 
+def test_the_batch_tf_data_builds_is_attributed_to_iterator_get_next(tmp_path):
+    write_trace(tmp_path / "trace", [
+        (5, "IteratorGetNextOp::DoCompute", {"duration": 10}),
+        alloc(6, "", 4, 64),  # an element copy of the batch's size (batch size 1)
+        alloc(7, "", 2, 16),  # a tf.data temporary of another size
+        alloc(8, "", 1, 64),  # the batch (tf.data does not name the op)
+        alloc(20, "", 3, 64),  # allocated after the op: not the batch
+        free(30, 1),
+    ])
+    space = measure.load_xspace(tmp_path)
+    buffers = measure.buffers(space)
+    batch = measure.attribute_batch(space, buffers, {64})
+    assert [(b.op, b.start_ps, b.end_ps, b.region) for b in batch] == [
+        ("IteratorGetNext", 8, 30, "output")]
+    assert [b.op for b in buffers] == ["", "", "IteratorGetNext", ""]
+
+
 class ProfileStep(keras.callbacks.Callback):
     def __init__(self, step, logdir):
         super().__init__()

@@ -168,6 +168,11 @@ class LMS(keras.callbacks.Callback):
         returned = [t for t in tf.nest.flatten(outputs) if isinstance(t, tf.Tensor)]
         step = StepGraph.analyse(graph, returned, batch_size)
         compute, host = self._devices
+        if not devices.is_gpu(compute) and getattr(self.model, "steps_per_execution", 1) > 1:
+            # The steps_per_execution loop fetches the next batch as an Optional that holds
+            # it for the whole step. On a GPU that is the host's copy and the device's copy is
+            # still freed after its swap-out; between logical CPUs both are one buffer.
+            step.input_ops = frozenset()
         settings = self._tune(step) if self.autotune else self.settings
         plan = make_plan(step, settings, compute, host, self.copy_mode,
                          function=graph.name, trace=len(self.plans) + 1,

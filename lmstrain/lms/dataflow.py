@@ -12,6 +12,11 @@ step runs and that change memory:
   optimizer's update of each weight does not wait for the ``IdentityN`` of all gradients;
 - dead code (ops no stateful op and no step output depends on) is dropped.
 
+The step's inputs (the batch) count as resident, except those a swap-out reads: TensorFlow
+frees an input after its last reader like any buffer, so a swapped input becomes an input
+node at the start of the step whose buffer lives until the swap-out and the forward readers
+are done (:func:`release_input`).
+
 Each output either owns a new buffer, aliases an input's buffer (``Reshape``, ``Identity``,
 ``ReadVariableOp`` ...), or may reuse an input buffer the op was the last to read (element-wise
 kernels call ``forward_input_or_allocate_output``). Which happens is decided while replaying an
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 
 from lmstrain.lms import devices
-from lmstrain.lms.graph import FORWARD, SHAPE_ONLY_TYPES
+from lmstrain.lms.graph import FORWARD, SHAPE_ONLY_TYPES, SWAP_SCOPE
 
 # Outputs that share their first input's buffer (no allocation).
 ALIAS_TYPES = frozenset({
@@ -89,6 +94,8 @@ class Dataflow:
     function: str = ""
     by_name: dict = field(default_factory=dict)
     producer: dict = field(default_factory=dict)
+    input_reads: dict = field(default_factory=dict)  # node name -> resident inputs it reads
+    input_types: dict = field(default_factory=dict)  # step input tensor name -> (dtype, elements)
 
     def __post_init__(self):
         self.index()
@@ -128,7 +135,7 @@ def build(step, compute_device, variables=(), cpu_executor=True):
     canonical = {}  # tensor name -> name of the tensor it is deduplicated into
     merged = {}  # op name -> name of the node it is deduplicated into
     seen = {}
-    nodes, inputs = [], {}
+    nodes, inputs, input_types = [], {}, {}
     resident, sizes = {}, [size for _, size in variables]
     for category, size in variables:
         resident[category] = resident.get(category, 0) + size
@@ -144,6 +151,8 @@ def build(step, compute_device, variables=(), cpu_executor=True):
             size = step.tensor_bytes(op.outputs[0])
             if op.outputs[0].dtype not in (tf.resource, tf.variant) and size:
                 inputs[op.outputs[0].name] = size
+                input_types[op.outputs[0].name] = (op.outputs[0].dtype.name,
+                                                   _elements(op.outputs[0], step.batch_size))
                 resident["inputs"] = resident.get("inputs", 0) + size
                 sizes.append(size)
             continue
@@ -165,11 +174,52 @@ def build(step, compute_device, variables=(), cpu_executor=True):
         nodes.append(node)
     names = {n.name for n in nodes}
     producers = {o.name: n.name for n in nodes for o in n.outputs}
+    input_reads = {}
     for node in nodes:
+        reads = [t for t in node.inputs if t in inputs]
+        if reads:
+            input_reads[node.name] = reads
         node.inputs = [t for t in node.inputs if t in producers]
         node.preds = [p for p in dict.fromkeys(node.preds) if p in names and p != node.name]
-    return Dataflow(nodes, resident, inputs, sizes, {**merged, **canonical},
-                    function=step.graph.name)
+    flow = Dataflow(nodes, resident, inputs, sizes, {**merged, **canonical},
+                    function=step.graph.name, input_reads=input_reads,
+                    input_types=input_types)
+    swapped = [t for t in inputs
+               if any(t in input_reads.get(n.name, ()) for n in nodes if is_swap_out(n.name))]
+    for tensor in swapped:
+        release_input(flow, tensor)
+    if swapped:
+        flow.index()
+    return flow
+
+
+def is_swap_out(name):
+    """True for the name of a swap-out op (see :func:`lmstrain.lms.rewrite.swap_scope`)."""
+    return SWAP_SCOPE in name and name.rsplit("/", 1)[-1] == "swap_out"
+
+
+def release_input(flow, tensor):
+    """Make step input ``tensor`` an ordinary buffer of ``flow`` (edited in place).
+
+    It stops being resident: an input node at the start of the step allocates it, and it is
+    freed after its last reader. Returns the input node. Call ``flow.index()`` afterwards.
+    """
+    size = flow.inputs.pop(tensor)
+    flow.resident["inputs"] -= size
+    if not flow.resident["inputs"]:
+        del flow.resident["inputs"]
+    flow.resident_sizes.remove(size)
+    dtype, elements = flow.input_types[tensor]
+    name = tensor.rsplit(":", 1)[0]
+    node = Node(name, "Placeholder", FORWARD, False, [], [], expensive=False)
+    node.outputs.append(Output(tensor, size, elements, dtype))
+    for reader in flow.nodes:
+        reads = flow.input_reads.get(reader.name, ())
+        if tensor in reads:
+            reader.inputs = reader.inputs + [t for t in reads if t == tensor]
+            reader.preds = reader.preds + [name]
+    flow.nodes.insert(0, node)
+    return node
 
 
 def _simulated(tensor, constant):

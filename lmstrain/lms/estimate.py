@@ -161,6 +161,8 @@ def _breakdown(flow, timeline):
     for tensor in timeline.live:
         if SWAP_SCOPE in tensor.producer:
             role = "swapped in"
+        elif tensor.op_type == "Placeholder":
+            role = "inputs"  # a swapped step input, before its swap-out
         elif tensor.phase == "forward":
             role = "activations"
         elif tensor.phase == "backward":

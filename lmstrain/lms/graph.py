@@ -60,6 +60,13 @@ class StepGraph:
         return tensor_bytes(tensor, self.batch_size)
 
     @functools.cached_property
+    def input_ops(self):
+        """The placeholders of the step's data arguments (see :func:`step_inputs`); assign an
+        empty set when something outside the step holds the batch (then swapping it frees
+        nothing)."""
+        return frozenset(step_inputs(self.graph))
+
+    @functools.cached_property
     def folded(self):
         """Ops Grappler folds into constants: computed from constants only, small outputs."""
         constant = set()
@@ -98,6 +105,19 @@ class StepGraph:
                     queue.append(pred)
         self._ancestors[key] = seen
         return seen
+
+
+def step_inputs(graph):
+    """Placeholders of the traced function's own arguments (the batch), in argument order.
+
+    Captured tensors (variable handles, eager constants) are placeholders too, but their
+    buffers belong to the caller and outlive the step; the arguments of Keras's step are
+    the outputs of the iterator, a fresh buffer each step that the step alone holds.
+    """
+    captured = {t.name for t in getattr(graph, "internal_captures", ())}
+    return [t.op for t in getattr(graph, "inputs", ())
+            if t.op.type == "Placeholder" and t.name not in captured
+            and t.dtype not in (tf.resource, tf.variant, tf.string)]
 
 
 def ancestors(ops):

@@ -131,6 +131,29 @@ def buffers(space):
     return sorted(done + list(live.values()), key=lambda b: b.start_ps)
 
 
+def attribute_batch(space, buffers_, sizes, op_name="IteratorGetNext"):
+    """Give the batch's buffers to ``op_name`` (edited in place); return them.
+
+    tf.data allocates the batch without the ``tf_op`` annotation. Without a prefetch stage it
+    does so while ``IteratorGetNext`` runs (``IteratorGetNextOp::DoCompute`` events): of the
+    unnamed buffers allocated then with one of the batch tensors' ``sizes``, the last of each
+    size is the batch (earlier ones are the pipeline's element copies, e.g. at batch size 1).
+    """
+    spans = [(time, time + event.duration_ps) for time, name, event, _ in _events(space)
+             if name == "IteratorGetNextOp::DoCompute"]
+    last = {}
+    for b in buffers_:
+        span = next((s for s in spans if s[0] <= b.start_ps <= s[1]), None)
+        if not b.op and b.bytes in sizes and span is not None:
+            key = (span, b.bytes)
+            if key not in last or b.start_ps >= last[key].start_ps:
+                last[key] = b
+    batch = sorted(last.values(), key=lambda b: b.start_ps)
+    for b in batch:
+        b.op, b.region = op_name, "output"
+    return batch
+
+
 def device_peak(buffers_, on_device):
     """Peak of the buffers allocated by ops for which ``on_device(op_name)`` is true.
 

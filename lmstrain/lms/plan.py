@@ -7,8 +7,11 @@ are grouped (``swapin_groupby`` levels) and each group gets one swap-in, trigger
 op ``swapin_ahead`` levels before the group's first consumer. In ``swapout`` sync mode the
 weight reads the forward pass needs next wait for the swap-out, so the original is freed early.
 
-Four additions to TFLMS's rules cut the peak of U-Nets:
+Five additions to TFLMS's rules cut the peak of U-Nets:
 
+- the step's inputs (the batch) are swapped like activations: the first layer's filter
+  gradient reads the image at the very end of the backward pass, so without a swap the batch
+  is resident for the whole step;
 - long-lived backward tensors are swapped too: a gradient whose consumer runs more than
   ``LONG_LIVED_SHARE`` of the step's levels later (a skip connection's gradient waits from the
   decoder's backward pass until the encoder's) goes to the host and back like an activation;
@@ -38,7 +41,14 @@ from lmstrain.lms.settings import SYNC_SWAPIN, SYNC_SWAPOUT
 # A tensor is long-lived when a consumer runs this share of the step's levels later.
 LONG_LIVED_SHARE = 0.03
 
-# Outputs of these ops are inputs, variables or aliases: swapping them frees nothing.
+# Outputs of these ops are variables, constants, captured tensors or aliases: swapping them
+# frees nothing. The exception are the placeholders of the step's own arguments, the batch
+# (``StepGraph.input_ops``): after function inlining they are the iterator's outputs, a fresh
+# buffer each step that TensorFlow frees after its last reader, so a swap-out frees it as soon
+# as the first layer has read it (measured: tests/test_lms_inputs.py). Not so between logical
+# CPUs with steps_per_execution > 1, where the loop's Optional holds that same buffer all
+# step: the LMS callback then empties ``input_ops``. ``IteratorGetNext`` and
+# ``OptionalGetValue`` stay excluded: they appear in the outer function, not the traced step.
 NEVER_SWAPPED_TYPES = frozenset({
     "Const", "Placeholder", "PlaceholderWithDefault", "ReadVariableOp", "VarHandleOp",
     "VariableV2", "Identity", "IdentityN", "IteratorGetNext", "OptionalGetValue",
@@ -206,8 +216,11 @@ def _skip_reason(op, size, settings, compute_device, step):
         return "computed from constants only: Grappler folds it into a constant"
     if not devices.runs_on(op, compute_device):
         return f"producer placed on {op.device}, not the compute device"
-    if op.type in NEVER_SWAPPED_TYPES:
-        return f"{op.type} output (input, variable or alias): swapping frees nothing"
+    if op.type == "Placeholder" and op not in step.input_ops:
+        return ("Placeholder output (a captured tensor, or a batch that something outside the "
+                "step holds): swapping frees nothing")
+    if op.type in NEVER_SWAPPED_TYPES and op not in step.input_ops:
+        return f"{op.type} output (variable, constant or alias): swapping frees nothing"
     if op.type in settings.exclude_types:
         return f"op type {op.type} in exclude_types"
     if _in_scopes(op.name, settings.exclude_scopes):

@@ -2,14 +2,15 @@
 
 - :func:`with_plan` adds a swap plan's nodes and edges exactly as
   :func:`lmstrain.lms.rewrite.apply_plan` adds them to the traced graph, so auto-tune can try
-  many plans on one trace;
+  many plans on one trace (a swapped step input stops being resident, as
+  :func:`lmstrain.lms.dataflow.build` does for a rewritten trace);
 - :func:`accumulate_addn` mirrors Grappler's memory optimizer, which turns large ``AddN`` ops
   into running sums when the device is nearly full.
 """
 
 import copy
 
-from lmstrain.lms.dataflow import Dataflow, Node, Output
+from lmstrain.lms.dataflow import Dataflow, Node, Output, release_input
 from lmstrain.lms.rewrite import swap_scope
 
 COPY_TYPES = {"snapshot": "Snapshot", "deepcopy": "DeepCopy"}
@@ -20,12 +21,18 @@ def with_plan(flow, plan, cpu_executor=True):
     nodes = [copy.copy(n) for n in flow.nodes]
     for node in nodes:
         node.inputs, node.preds = list(node.inputs), list(node.preds)
-    by_name = {n.name: n for n in nodes}
+    result = Dataflow(nodes, dict(flow.resident), dict(flow.inputs), list(flow.resident_sizes),
+                      dict(flow.merged), function=flow.function,
+                      input_reads=dict(flow.input_reads), input_types=dict(flow.input_types))
+    released = {t: release_input(result, t) for t in
+                dict.fromkeys(flow.tensor(s.tensor) for s in plan.swapped)
+                if t in result.inputs}
+    by_name = {n.name: n for n in result.nodes}
     kind = COPY_TYPES[plan.copy_mode]
     added = []
     for swapped in plan.swapped:
         tensor = flow.tensor(swapped.tensor)
-        producer = flow.producer.get(tensor)
+        producer = released.get(tensor) or flow.producer.get(tensor)
         if producer is None:
             continue  # folded or pruned: the rewrite's copy is never executed either
         size = next(o for o in producer.outputs if o.name == tensor)
@@ -49,10 +56,11 @@ def with_plan(flow, plan, cpu_executor=True):
                     by_name[waiting].preds.extend(_names(flow, [first]))
         for name in _names(flow, swapped.wait_for_swap_out):
             by_name[name].preds.append(out.name)
-    for node in nodes:
+    for node in result.nodes:
         node.preds = list(dict.fromkeys(node.preds))
-    return Dataflow(nodes + added, dict(flow.resident), dict(flow.inputs),
-                    list(flow.resident_sizes), dict(flow.merged), function=flow.function)
+    result.nodes.extend(added)
+    result.index()
+    return result
 
 
 def _names(flow, op_names):
@@ -98,4 +106,5 @@ def accumulate_addn(flow, names):
         done.outputs.append(Output(out.name, out.bytes, out.elements, out.dtype, alias_of=total))
         nodes.extend([init, *adds, done])
     return Dataflow(nodes, dict(flow.resident), dict(flow.inputs), list(flow.resident_sizes),
-                    dict(flow.merged), function=flow.function)
+                    dict(flow.merged), function=flow.function,
+                    input_reads=dict(flow.input_reads), input_types=dict(flow.input_types))

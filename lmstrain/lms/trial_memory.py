@@ -67,10 +67,16 @@ def run_in_subprocess(request, timeout=3600):
         return json.loads(result_file.read_text())
 
 
-def measure_step(config, shape, batch, swap=None, steps=WARMUP_STEPS + 1):
+def measure_step(config, shape, batch, swap=None, steps=WARMUP_STEPS + 1, fresh_batches=False):
     """Train ``config``'s network at ``shape`` for ``steps`` steps on random data; measure the
     last. ``swap``: None, or a dict of :class:`~lmstrain.lms.SwapSettings` fields (swapping
-    in deepcopy mode). Call in a process started with :data:`MEASURE_ENV`."""
+    in deepcopy mode). Call in a process started with :data:`MEASURE_ENV`.
+
+    By default every step reads the same batch, a constant the dataset holds (resident, as
+    the simulator counts unswapped inputs). With ``fresh_batches`` the iterator builds a new
+    batch buffer each step, inside ``IteratorGetNext`` (no prefetch), as a real pipeline
+    does: the step then owns the batch, it counts towards the device's peaks, and
+    ``input_buffers`` says when each was freed."""
 
     if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true":
         raise MeasurementError("measure_step needs TF_CPU_ALLOCATOR_USE_BFC=true in the "
@@ -86,6 +92,10 @@ def measure_step(config, shape, batch, swap=None, steps=WARMUP_STEPS + 1):
         x = tf.constant(rng.normal(size=(batch, *shape, 4)).astype("float32"))
         y = tf.constant((rng.random((batch, *shape, 3)) > 0.5).astype("float32"))
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    if fresh_batches:
+        options = tf.data.Options()
+        options.experimental_optimization.inject_prefetch = False
+        data = data.unbatch().batch(batch, drop_remainder=True).with_options(options)
     callbacks = []
     lms = None
     if swap is not None:
@@ -96,9 +106,10 @@ def measure_step(config, shape, batch, swap=None, steps=WARMUP_STEPS + 1):
         with record_graphs() as recorded:
             model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0,
                       callbacks=callbacks + [probe])
-        peaks = profiled_peaks(logdir, recorded.run_metadata, COMPUTE)
+        peaks = profiled_peaks(logdir, recorded.run_metadata, COMPUTE,
+                               [x.shape.num_elements() * 4, y.shape.num_elements() * 4])
     result = {
-        "shape": list(shape), "batch": batch, "swap": swap,
+        "shape": list(shape), "batch": batch, "swap": swap, "fresh_batches": fresh_batches,
         "allocator_peak_bytes": probe.memory_after["peak"],
         "allocator_before_bytes": probe.memory_before["current"],
         "step_time_s": probe.times[-1],
@@ -110,11 +121,13 @@ def measure_step(config, shape, batch, swap=None, steps=WARMUP_STEPS + 1):
     return result
 
 
-def profiled_peaks(logdir, run_metadata, compute_device):
+def profiled_peaks(logdir, run_metadata, compute_device, input_bytes=()):
     """Device-attributed peaks from a profiler trace in ``logdir`` (see the module docstring).
 
     Op placement comes from the executed partition graphs in ``run_metadata``; the buffers of
-    ops on other devices (swap-outs to the host, the input pipeline) are not counted.
+    ops on other devices (swap-outs to the host, the input pipeline) are not counted. The
+    batch's buffers (``input_bytes``: the bytes of each batch tensor) count as outputs of
+    ``IteratorGetNext`` when tf.data built them during the step (``fresh_batches``).
     """
     placement = measure.op_devices(run_metadata)
 
@@ -124,6 +137,11 @@ def profiled_peaks(logdir, run_metadata, compute_device):
     space = measure.load_xspace(logdir)
     buffers = measure.buffers(space)
     runs = measure.op_runs(space)
+    getters = [name for name, device in placement.items() if name.endswith("IteratorGetNext")]
+    inputs = (measure.attribute_batch(space, buffers, set(input_bytes), min(getters))
+              if getters and input_bytes else [])
+    first = min((r.start_ps for r in runs), default=0)
+    last = max((r.end_ps for r in runs), default=0)
     every = measure.device_peak(buffers, on_compute)
     sums = {r.name for r in runs if r.type == "TemporaryVariable"}  # Grappler's AddN sums
     outputs = measure.device_peak([b for b in buffers if b.region == "output" or b.op in sums],
@@ -141,6 +159,12 @@ def profiled_peaks(logdir, run_metadata, compute_device):
             "other": sum("/lms/" not in b.op for b in uncounted),
         },
         "executed_ops": [r.name for r in runs],
+        # The batch's buffers (with fresh batches): when the step freed them, in ps from its
+        # first op (None: still held when the trace ended), and the step's length.
+        "input_buffers": [{"op": b.op, "bytes": b.bytes,
+                           "freed_ps": None if b.end_ps is None else b.end_ps - first}
+                          for b in inputs if on_compute(b.op)],
+        "step_ps": last - first,
     }
 
 
@@ -182,7 +206,8 @@ def main(argv=None):
     request_file, result_file = (argv or sys.argv[1:])[:2]
     request = json.loads(Path(request_file).read_text())
     result = measure_step(request["config"], tuple(request["shape"]), request["batch"],
-                          request.get("swap"), request.get("steps", WARMUP_STEPS + 1))
+                          request.get("swap"), request.get("steps", WARMUP_STEPS + 1),
+                          request.get("fresh_batches", False))
     Path(result_file).write_text(json.dumps(result))
 
 
