@@ -52,7 +52,8 @@ MEASURES = {
     ("op_output", True): (
         "device-attributed step op-output peak in deepcopy mode: as without swapping, counting "
         "only buffers allocated by ops placed on /CPU:0 (the swap-outs' host copies on /CPU:1 "
-        "excluded)"),
+        "excluded); a new batch each step (fresh_batches: the batch, which the plan swaps, is "
+        "the step's own buffer, as in training)"),
     ("allocator", False): (
         "allocator step growth: tf.config.experimental.get_memory_info('CPU:0')['peak'] during "
         "the step minus ['current'] at its start (after reset_memory_stats); includes BFC chunk "
@@ -74,8 +75,10 @@ def measure(config, size, batch, swap, repeat, folder):
         if folder else None
     if path and path.exists():
         return json.loads(path.read_text())
+    # With swapping the plan swaps the batch too, so the batch must be the step's own buffer,
+    # as in training (fresh_batches); without, it is resident on both sides.
     run = run_in_subprocess({"config": config.to_dict(), "shape": [size] * 3, "batch": batch,
-                             "swap": {} if swap else None})
+                             "swap": {} if swap else None, "fresh_batches": swap})
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run))

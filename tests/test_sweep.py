@@ -73,6 +73,14 @@ def test_real_trials_pass_and_run_out_of_memory_in_the_child(tiny, tmp_path):
     assert not list(tmp_path.iterdir())  # spec and result files cleaned up
 
 
+def test_a_swapping_trial_on_cpu_is_judged_by_its_device_attributed_peak(tiny, tmp_path):
+    trial = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, True, 2**20), tmp_path, 600)
+    assert trial.source == "cpu-device-attributed" and trial.extra["swapped_bytes"] > 0
+    assert trial.measured_peak_bytes == (trial.extra["resident_bytes"]
+                                         + trial.extra["step_peak_allocation_bytes"]) > 2**20
+    assert trial.status == "oom" and "exceeds the budget of 1.0 MiB" in trial.reason
+
+
 def test_resume_reuses_finished_trials(tiny, tmp_path):
     options = SweepOptions(sizes=[16, 24, 32], batch_sizes=[1], lms=[False],
                            budgets=[2**30])
