@@ -22,7 +22,7 @@ from lmstrain.atomic import atomic_path, write_text
 from lmstrain.errors import UserError
 from lmstrain.lms import SwapSettings
 from lmstrain.lms.simulate import default_executor
-from lmstrain.lms.sizing import check_size, default_host_memory, scaled_shape
+from lmstrain.lms.sizing import LIMITS, check_size, default_host_memory, scaled_shape
 from lmstrain.model.unet3d import divisor
 from lmstrain.report import plot_maxres, plot_step_times
 from lmstrain.transfer import transfer_model
@@ -296,8 +296,7 @@ class Sweep:
             if o.fixed_size:
                 row["max_batch"] = spec.batch
             if swap:
-                trial = next(t for t in trials
-                             if t.shape == list(spec.shape) and t.batch == spec.batch)
+                trial = _trial_of(trials, spec)
                 row["predicted_host_bytes"] = trial.extra.get("predicted_host_bytes")
                 row["transfer_model"] = self._transfer(trial)
         return row
@@ -370,16 +369,13 @@ class Sweep:
         failed = [t for t in trials if not t.ok]
         if not failed:
             return None
-        above = failed[-1] if best is None else next(
-            t for t in trials if t.shape == list(specs[best + 1].shape)
-            and t.batch == specs[best + 1].batch)
+        above = failed[-1] if best is None else _trial_of(trials, specs[best + 1])
         if above.status != "oom":
             return above.status  # crash or timeout
         # A measured OOM: the simulator tells a single op or the element count apart (a
         # simulated one carries the limit as its reason).
         predicted = above.extra.get("predicted_limit") or above.reason
-        return predicted if predicted in ("single op", "element count", "host memory") \
-            else "device memory"
+        return predicted if predicted in LIMITS else "device memory"
 
     def _transfer(self, trial):
         """The GPU transfer-time model for a swap-on trial's plan (see transfer.py)."""
@@ -400,6 +396,11 @@ class Sweep:
             writer.writeheader()
             for trial in results["trials"]:
                 writer.writerow({**trial, "shape": "x".join(map(str, trial["shape"]))})
+
+
+def _trial_of(trials, spec):
+    """The trial in ``trials`` that ran ``spec``."""
+    return next(t for t in trials if t.shape == list(spec.shape) and t.batch == spec.batch)
 
 
 def run_trial_process(config, spec, work_dir, timeout_s):

@@ -32,7 +32,8 @@ import tensorflow as tf
 from lmstrain.atomic import write_text
 from lmstrain.config import config_from_dict
 from lmstrain.lms import LMS, record_graphs, split_cpu
-from lmstrain.lms.trial_memory import COMPUTE, StepProbe, profiled_peaks
+from lmstrain.lms.trial_memory import (COMPUTE, StepProbe, profiled_peaks,
+                                       without_prefetch)
 from lmstrain.model import build_model
 from lmstrain.train import compile_model
 
@@ -67,6 +68,11 @@ def environment(spec, gpu):
 
 def run(spec):
     """Run the trial described by ``spec`` in this process; return the result dict."""
+    with tempfile.TemporaryDirectory() as trace_dir:  # the profiler's trace, if any
+        return _run(spec, trace_dir)
+
+
+def _run(spec, trace_dir):
     budget = spec["device_memory_bytes"]
     gpu = bool(tf.config.list_physical_devices("GPU"))
     if gpu:
@@ -85,7 +91,7 @@ def run(spec):
     shape, batch = tuple(spec["shape"]), spec["batch"]
     steps = WARMUP_STEPS + TIMED_STEPS + 1  # the last step is the measured one
     profile = source == "cpu-device-attributed"
-    logdir = tempfile.mkdtemp() if profile else None
+    logdir = trace_dir if profile else None
     probe = StepProbe(profile_step=steps - 1, logdir=logdir,
                       memory_device="GPU:0" if gpu else "CPU:0")
     callbacks = [probe]
@@ -132,7 +138,7 @@ def _random_batches(shape, batch, prefetch):
     Without ``prefetch`` they are made inside the step's ``IteratorGetNext``: the step owns
     its batch, as a GPU's copy of it is, and no batch for a later step is counted. (Under a
     capped allocator that would turn an OOM into an abort in a tf.data thread, so capped
-    trials keep tf.data's prefetch: one batch, small beside the budget.)
+    trials keep tf.data's prefetch, whose batches then count against their budget.)
     """
 
     def make(_):
@@ -141,11 +147,7 @@ def _random_batches(shape, batch, prefetch):
         return image, regions
 
     data = tf.data.Dataset.range(1_000_000).map(make)
-    if prefetch:
-        return data
-    options = tf.data.Options()
-    options.experimental_optimization.inject_prefetch = False
-    return data.with_options(options)
+    return data if prefetch else without_prefetch(data)
 
 
 def _batch_bytes(shape, batch):

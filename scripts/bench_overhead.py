@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lmstrain.atomic import write_text
 from lmstrain.config import load_config
-from lmstrain.lms.sizing import check_size, default_host_memory, scaled_shape
+from lmstrain.lms.sizing import check_size, default_host_memory, max_size, scaled_shape
 from lmstrain.model.unet3d import divisor
 from lmstrain.sweep import TrialSpec, run_trial_process
 from lmstrain.transfer import ASSUMPTIONS, LINKS, transfer_model
@@ -65,18 +65,14 @@ def modelled(config_path, budget, host_memory, executor, batch):
     config = load_config(config_path)
     batch = batch or config.train.batch_size
     step = divisor(config.model.depth)
-    rows, base = [], None
-    size = max(config.data.shape)
+    base = max_size(config, batch, budget, False, executor=executor).shape
+    if base is None:
+        raise SystemExit(f"{config_path}: nothing fits in {format_bytes(budget)} without "
+                         "swapping")
+    rows, size = [], max(base) + step
     with tqdm(desc="Simulated sizes", unit="size") as bar:
         while True:
             shape = scaled_shape(config.data.shape, size, step)
-            if base is None:
-                fits, *_ = check_size(config, shape, batch, budget, False, executor, host_memory)
-                bar.update()
-                if fits:
-                    size += step
-                    continue
-                base = scaled_shape(config.data.shape, size - step, step)
             fits, limit, estimate, _ = check_size(config, shape, batch, budget, True, executor,
                                                   host_memory)
             bar.update()

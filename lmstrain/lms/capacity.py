@@ -7,8 +7,6 @@ and with (auto-tuned) swapping, what stops growth, and the first size where a te
 2^31-1 elements. :func:`format_capacity` turns it into the text ``lmstrain plan`` prints.
 """
 
-import math
-
 import tensorflow as tf
 
 from lmstrain.lms import devices
@@ -26,7 +24,8 @@ def capacity(config, size=None, batch=None, device_memory=None, host_memory=None
 
     ``size`` scales ``config.data.shape`` so its largest edge is ``size``; ``batch`` defaults
     to ``train.batch_size``; ``device_memory`` to ``lms.device_memory`` (or the GPU's);
-    ``host_memory`` to :func:`~lmstrain.lms.sizing.default_host_memory` (None: not a limit, only reported).
+    ``host_memory`` to :func:`~lmstrain.lms.sizing.default_host_memory` (None: not a limit,
+    only reported).
     """
     div = divisor(config.model.depth)
     shape = scaled_shape(config.data.shape, size, div) if size else tuple(config.data.shape)
@@ -67,7 +66,6 @@ def _limits(config, batch, budget, host, executor):
                 max_size_swap_settings=None, max_size_host_bytes=None)
     if not budget:
         return keys
-    host = host or math.inf
     off = max_size(config, batch, budget, False, executor=executor, host_memory=host)
     on = max_size(config, batch, budget, True, executor=executor, host_memory=host)
     for limit, suffix in ((off, "without"), (on, "with")):

@@ -10,7 +10,7 @@
 
 import copy
 
-from lmstrain.lms.dataflow import Dataflow, Node, Output, release_input
+from lmstrain.lms.dataflow import Node, Output, release_input
 from lmstrain.lms.rewrite import swap_scope
 
 COPY_TYPES = {"snapshot": "Snapshot", "deepcopy": "DeepCopy"}
@@ -21,9 +21,7 @@ def with_plan(flow, plan, cpu_executor=True):
     nodes = [copy.copy(n) for n in flow.nodes]
     for node in nodes:
         node.inputs, node.preds = list(node.inputs), list(node.preds)
-    result = Dataflow(nodes, dict(flow.resident), dict(flow.inputs), list(flow.resident_sizes),
-                      dict(flow.merged), function=flow.function,
-                      input_reads=dict(flow.input_reads), input_types=dict(flow.input_types))
+    result = flow.derived(nodes)
     released = {t: release_input(result, t) for t in
                 dict.fromkeys(flow.tensor(s.tensor) for s in plan.swapped)
                 if t in result.inputs}
@@ -105,6 +103,4 @@ def accumulate_addn(flow, names):
                     [a.name for a in adds] + others, expensive=node.expensive)
         done.outputs.append(Output(out.name, out.bytes, out.elements, out.dtype, alias_of=total))
         nodes.extend([init, *adds, done])
-    return Dataflow(nodes, dict(flow.resident), dict(flow.inputs), list(flow.resident_sizes),
-                    dict(flow.merged), function=flow.function,
-                    input_reads=dict(flow.input_reads), input_types=dict(flow.input_types))
+    return flow.derived(nodes)

@@ -79,14 +79,14 @@ def max_size(config, batch, device_memory, swap, *, executor=None, host_memory=N
     """The largest size of ``config.data.shape``'s aspect that trains within ``device_memory``.
 
     ``swap``: False (no swapping) or True (swapping, settings auto-tuned from ``config.lms``
-    at each size). ``host_memory``: bytes available for swapped tensors; None = this
-    machine's RAM. Returns a :class:`SizeLimit`.
+    at each size). ``host_memory``: bytes available for swapped tensors; None =
+    :func:`default_host_memory` (which may be None: no limit). Returns a :class:`SizeLimit`.
     """
     if not device_memory or device_memory <= 0:
         raise UserError(f"max_size needs a positive device memory budget in bytes; got "
                         f"{device_memory!r}. Pass e.g. --device-memory 16GiB.")
     executor = executor or default_executor()
-    host_memory = host_memory or physical_memory()
+    host_memory = host_memory or default_host_memory(executor)
     shapes = candidate_shapes(config.data.shape, divisor(config.model.depth))
 
     def check(shape):
@@ -165,7 +165,7 @@ def _extrapolated_start(config, batch, budget, swap, executor, host_memory, shap
     v1, v2 = voxels(first), voxels(second)
     limits = [_solve(a.peak_bytes, b.peak_bytes, v1, v2, budget),
               ELEMENT_LIMIT * v2 / max(b.largest_tensor_elements, 1)]
-    if swap:
+    if swap and host_memory is not None:
         limits.append(_solve(a.host_bytes, b.host_bytes, v1, v2, host_memory))
     guess = int(min(limits))
     fitting = [i for i, s in enumerate(shapes) if voxels(s) <= guess]

@@ -93,9 +93,7 @@ def measure_step(config, shape, batch, swap=None, steps=WARMUP_STEPS + 1, fresh_
         y = tf.constant((rng.random((batch, *shape, 3)) > 0.5).astype("float32"))
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
     if fresh_batches:
-        options = tf.data.Options()
-        options.experimental_optimization.inject_prefetch = False
-        data = data.unbatch().batch(batch, drop_remainder=True).with_options(options)
+        data = without_prefetch(data.unbatch().batch(batch, drop_remainder=True))
     callbacks = []
     lms = None
     if swap is not None:
@@ -119,6 +117,14 @@ def measure_step(config, shape, batch, swap=None, steps=WARMUP_STEPS + 1, fresh_
         plan = lms.plans[-1]
         result.update(swapped_tensors=len(plan.swapped), swapped_bytes=plan.swapped_bytes)
     return result
+
+
+def without_prefetch(data):
+    """``data`` without tf.data's injected prefetch: each batch is built inside the step's
+    ``IteratorGetNext``, so the step owns it and no later batch is held meanwhile."""
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False
+    return data.with_options(options)
 
 
 def profiled_peaks(logdir, run_metadata, compute_device, input_bytes=()):
