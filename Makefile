@@ -37,6 +37,7 @@ bench-lms: install
 
 bench-sim: install
 	$(BIN)/python scripts/validate_simulator.py --out bench/results/simulator_accuracy.json
+	$(BIN)/python scripts/validate_model.py --out bench/results/simulator_mobilenetv2.json
 
 # Sweeps resume: delete bench/results/maxres-* to measure again from scratch.
 bench-maxres: install

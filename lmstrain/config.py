@@ -22,6 +22,8 @@ import yaml
 
 from lmstrain.atomic import write_text
 from lmstrain.errors import ConfigError, UserError
+from lmstrain.lms.errors import LMSParameterError
+from lmstrain.lms.settings import SwapSettings
 from lmstrain.units import parse_bytes
 
 
@@ -96,35 +98,35 @@ class TrainConfig:
     steps_per_execution: int = _key(1, "Training steps per traced function call (Keras).", min=1)
 
 
-@dataclass
-class LmsConfig:
-    enabled: Union[bool, Literal["auto"]] = _key(
-        False, "Swap activations to host memory (true/false; `auto` = only when predicted to need it).")
-    min_tensor_bytes: int = _key(4096, "Smallest activation that is swapped, in bytes.", min=0)
-    swapout_threshold: int = _key(
-        1, "Swap a tensor only if at least this many ops run between its producer and its first "
-           "backward consumer (topological levels).", min=0)
-    swapin_ahead: int = _key(1, "Prefetch distance: start the swap-in this many backward levels "
-                                "before the consumer.", min=0)
-    swapin_groupby: int = _key(0, "Merge swap-ins whose consumers are within this many levels.", min=0)
-    sync_mode: Literal["async", "swapout", "swapin", "both"] = _key(
-        "swapout", "Extra waits: forward consumers wait for the swap-out (swapout), the consumer "
-                   "waits for the swap-in (swapin), both, or none (async).")
-    include_types: list[str] = _key([], "Only swap outputs of these op types (empty = all).")
-    exclude_types: list[str] = _key([], "Never swap outputs of these op types.")
-    include_scopes: list[str] = _key([], "Only swap outputs of ops under these name scopes.")
-    exclude_scopes: list[str] = _key([], "Never swap outputs of ops under these name scopes.")
-    host_device: Optional[str] = _key(
-        None, "Where swapped tensors live; null = /CPU:0, or /CPU:1 in the CPU-only emulation.")
-    compute_device: Optional[str] = _key(None, "Where the model runs; null = detected.")
-    copy_mode: Literal["snapshot", "deepcopy"] = _key(
+def _swap_keys():
+    """The ``lms.*`` keys of the swap settings, declared once in
+    :class:`lmstrain.lms.SwapSettings` (type, default, help text, minimum)."""
+    for f in dataclasses.fields(SwapSettings):
+        if f.type == tuple[str, ...]:
+            yield f.name, list[str], _key(list(f.default), f.metadata["help"])
+        else:
+            checks = {"min": f.metadata["min"]} if "min" in f.metadata else {}
+            yield f.name, f.type, _key(f.default, f.metadata["help"], **checks)
+
+
+LmsConfig = dataclasses.make_dataclass("LmsConfig", [
+    ("enabled", Union[bool, Literal["auto"]], _key(
+        False, "Swap activations to host memory (true/false; `auto` = only when predicted to "
+               "need it).")),
+    *_swap_keys(),
+    ("host_device", Optional[str], _key(
+        None, "Where swapped tensors live; null = /CPU:0, or /CPU:1 in the CPU-only emulation.")),
+    ("compute_device", Optional[str], _key(None, "Where the model runs; null = detected.")),
+    ("copy_mode", Literal["snapshot", "deepcopy"], _key(
         "snapshot", "Swap node op: snapshot (GPU), or deepcopy to force real copies on CPU "
-                    "(measurement mode).")
-    autotune: bool = _key(False, "Choose the swap settings that fit lms.device_memory.")
-    device_memory: Optional[int] = _key(
+                    "(measurement mode).")),
+    ("autotune", bool, _key(False, "Choose the swap settings that fit lms.device_memory.")),
+    ("device_memory", Optional[int], _key(
         None, "Device memory budget for auto-tune and checks, e.g. 16GiB; null = the device's.",
-        bytes=True)
-    verify: bool = _key(False, "Log, per traced function, how many swap nodes survive Grappler.")
+        bytes=True)),
+    ("verify", bool, _key(False, "Log, per traced function, how many swap nodes survive "
+                                 "Grappler.")),
+])
 
 
 @dataclass
@@ -198,6 +200,7 @@ def config_from_dict(raw, overrides=()):
     """Validate a raw mapping (plus ``--set`` overrides, relative to the cwd) into a Config."""
     raw = apply_overrides(raw, overrides)
     config = _build(Config, raw, "")
+    swap_settings(config)  # the swap settings' own checks, before anything runs
     for dotted, _tp, _default, _help in schema_keys():  # defaults such as output.root: runs
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
@@ -225,6 +228,15 @@ def apply_overrides(raw, overrides):
         raw[section] = {**raw[section], name: value}
         raw = _resolve_paths(raw, Path.cwd(), only=(section, name))
     return raw
+
+
+def swap_settings(config: "Config") -> SwapSettings:
+    """The :class:`~lmstrain.lms.SwapSettings` named by ``config.lms``; raises
+    :class:`ConfigError` naming the key when they are invalid."""
+    try:
+        return SwapSettings.from_mapping(vars(config.lms))
+    except LMSParameterError as error:
+        raise ConfigError(f"lms.{error.key}: {error}") from None
 
 
 def save_config(config, path):

@@ -1,8 +1,9 @@
-"""Parse and format byte sizes such as ``16GiB`` or ``512 MB``."""
+"""Parse byte sizes such as ``16GiB`` or ``512 MB`` (``format_bytes`` is the library's)."""
 
 import re
 
 from lmstrain.errors import UserError
+from lmstrain.lms.units import format_bytes  # noqa: F401  (one formatter for app and library)
 
 _UNITS = {
     "": 1, "b": 1,
@@ -31,13 +32,3 @@ def parse_bytes(value):
             f"expected a size such as 16GiB, 512MiB, 40GB or a number of bytes, got {value!r}"
         )
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def format_bytes(n):
-    """Human-readable binary size: ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
-    if n is None:
-        return "-"
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"

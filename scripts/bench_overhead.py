@@ -1,15 +1,15 @@
 """Benchmark: what swapping costs in step time, measured on this CPU and modelled for GPUs.
 
 measured  configs/demo.yaml's network at batch 1, trained with and without swapping by the
-          same subprocess trial `lmstrain maxres` runs (lmstrain.trial: random tensors, one
-          warm-up step, median of two timed steps; swapping in deepcopy mode, so every swap is
+          same subprocess trial `lmstrain maxres` runs (lmstrain.planning.harness: random tensors, two
+          warm-up steps, median of two timed steps; swapping in deepcopy mode, so every swap is
           a real copy between two logical CPUs sharing this machine's RAM). Trials with and
           without swapping alternate; the ratio is per repeat. On a CPU the copies compete with
           compute for the same cores and memory bus, so this is not a GPU's overhead.
 modelled  configs/brats2021_isensee.yaml on a GPU with --device-memory: for each size from the
           largest that fits without swapping up to the largest that fits with it, the
           simulator's auto-tuned plan (bytes swapped per step, step FLOPs) through the
-          transfer-time model (lmstrain.transfer) per link, beside TFLMS's published 3%
+          transfer-time model (lmstrain.planning.transfer) per link, beside TFLMS's published 3%
           overhead at 1.4x and ~27% at 2.4x the voxels (NVLink).
 
 Result: bench/results/overhead.json (with a markdown summary for bench/README.md).
@@ -18,7 +18,6 @@ Result: bench/results/overhead.json (with a markdown summary for bench/README.md
 import argparse
 import json
 import statistics
-import tempfile
 from math import prod
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from tqdm import tqdm
 
 from lmstrain.atomic import write_text
 from lmstrain.config import load_config
-from lmstrain.lms.sizing import check_size, default_host_memory, max_size, scaled_shape
+from lmstrain.planning.sizing import check_size, default_host_memory, max_size, scaled_shape
 from lmstrain.model.unet3d import divisor
-from lmstrain.sweep import TrialSpec, run_trial_process
-from lmstrain.transfer import ASSUMPTIONS, LINKS, transfer_model
+from lmstrain.planning.sweep import TrialSpec, run_trial_process
+from lmstrain.planning.transfer import ASSUMPTIONS, LINKS, transfer_model
 from lmstrain.units import format_bytes, parse_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,15 +38,14 @@ def measured(config_path, sizes, repeats):
     """Step times with and without swapping on this machine, per size."""
     config = load_config(config_path)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(sizes) * repeats * 2,
-                                                    desc="CPU trials", unit="trial") as bar:
+    with tqdm(total=len(sizes) * repeats * 2, desc="CPU trials", unit="trial") as bar:
         for size in sizes:
             shape = scaled_shape(config.data.shape, size, divisor(config.model.depth))
             times = {False: [], True: []}
             for _ in range(repeats):
                 for swap in (False, True):
                     trial = run_trial_process(config, TrialSpec(shape, 1, swap, 16 * 2**30),
-                                              Path(tmp), timeout_s=1800)
+                                              timeout_s=1800)
                     if not trial.ok:
                         raise SystemExit(f"trial {shape} swap={swap} ended {trial.status}: "
                                          f"{trial.reason}")
@@ -133,7 +131,7 @@ def main():
     cpu = {"config": args.cpu_config,
            "measure": "wall time of a training step on this machine's CPU, median of two "
                       "timed steps after a warm-up step, one subprocess per trial "
-                      "(lmstrain.trial), swapping in deepcopy mode between two logical CPUs; "
+                      "(lmstrain.planning.trial), swapping in deepcopy mode between two logical CPUs; "
                       f"ratio = with / without, median of {args.repeats} alternating repeats",
            "sizes": measured(args.cpu_config, [int(s) for s in args.cpu_sizes.split(",")],
                              args.repeats)}

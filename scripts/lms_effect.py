@@ -1,8 +1,9 @@
 """Measure what swapping does on CPU: step time and device-resident peak, with vs without LMS.
 
-Each trial runs in its own subprocess (fresh allocator; the env below must be set before
-TensorFlow is imported): compute /CPU:0, host /CPU:1, LMS in deepcopy mode so swaps really copy,
-BFC allocator, oneDNN kernels, one inter-op thread. Writes bench/results/lms_effect.json.
+Each trial runs in its own subprocess through the trial harness (lmstrain.planning.harness:
+fresh allocator, compute /CPU:0, host /CPU:1, LMS in deepcopy mode so swaps really copy, BFC
+allocator, oneDNN kernels, one inter-op thread), on configs/demo.yaml's network built as
+`lmstrain fit` builds it. Writes bench/results/lms_effect.json.
 
     python scripts/lms_effect.py                   # sizes 32 64, 3 repeats
     python scripts/lms_effect.py --sizes 32 --repeats 1
@@ -10,101 +11,62 @@ BFC allocator, oneDNN kernels, one inter-op thread. Writes bench/results/lms_eff
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-# Must be set before TensorFlow is imported; trial subprocesses inherit them.
-ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_ENABLE_ONEDNN_OPTS": "1",
-       "TF_CPP_MIN_LOG_LEVEL": "2"}
-os.environ.update(ENV)
+from lmstrain.config import load_config
+from lmstrain.lms import SwapSettings
+from lmstrain.planning import harness
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from lmstrain.lms import LMS, measure, record_graphs, split_cpu, verify_swaps  # noqa: E402
-from lmstrain.lms.trial_memory import StepProbe, profiled_peaks  # noqa: E402
-from lmstrain.model.losses import DiceLoss  # noqa: E402
-from lmstrain.model.unet3d import isensee2017  # noqa: E402
-
-MODEL = {"name": "isensee2017", "base_filters": 8, "depth": 4, "dropout": 0.1, "batch_size": 1}
-WARMUP_STEPS, TIMED_STEPS = 3, 10
-OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "lms_effect.json"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "demo.yaml"  # Isensee U-Net, base 8 filters, depth 4, dropout 0.1
+BATCH, TIMED_STEPS = 1, 10
+OUT = ROOT / "bench" / "results" / "lms_effect.json"
 
 MEASURES = {
     "step_time_ratio": (
         "median wall time of a model.fit step with LMS / without (on_train_batch_begin to "
-        f"on_train_batch_end, {TIMED_STEPS} steps after {WARMUP_STEPS} warm-up steps), per "
-        "repeat; trials "
-        "with and without LMS alternate, one subprocess each; the host is shared, so expect "
-        "noise"),
+        f"on_train_batch_end, {TIMED_STEPS} steps after {harness.WARMUP_STEPS} warm-up steps), "
+        "per repeat; trials with and without LMS alternate, one subprocess each "
+        "(lmstrain.planning.harness); the host is shared, so expect noise"),
     "device_peak": (
-        "largest sum of live buffers allocated by ops placed on the compute device /CPU:0 during "
-        "one profiled training step: the profiler's MemoryAllocation/MemoryDeallocation events "
-        "(BFC allocator) replayed by buffer address; op placement from the executed partition "
-        "graphs; the swap-outs' own allocations are host (/CPU:1) and not counted; requested "
-        "bytes (BFC rounding excluded)"),
+        "largest sum of live buffers (outputs and kernel scratch) allocated by ops placed on "
+        "the compute device /CPU:0 during one profiled training step: the profiler's "
+        "MemoryAllocation/MemoryDeallocation events (BFC allocator) replayed by buffer address; "
+        "op placement from the executed partition graphs; the swap-outs' own allocations are "
+        "host (/CPU:1) and not counted; requested bytes (BFC rounding excluded); batches "
+        "prefetched by tf.data (not counted)"),
     "reduction": ("1 - device peak with LMS / device peak without, per repeat (trials with and "
                   "without LMS alternate); of_medians uses the medians of all trials"),
 }
 
 
-def trial(size, swap, sync_mode, logdir):
-    """One measurement in this process; returns a dict of figures."""
-    split_cpu()
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    keras.utils.set_random_seed(0)
-    model = isensee2017((size,) * 3, base_filters=MODEL["base_filters"], depth=MODEL["depth"],
-                        dropout=MODEL["dropout"])
-    model.compile(keras.optimizers.Adam(1e-3), DiceLoss())
-    n = WARMUP_STEPS + TIMED_STEPS + 1
-    rng = keras.random.SeedGenerator(0)
-    x = keras.random.normal((n, size, size, size, 4), seed=rng).numpy()
-    y = (keras.random.uniform((n, size, size, size, 3), seed=rng) > 0.5).numpy().astype("float32")
-    lms = LMS(host_device="/CPU:1", compute_device="/CPU:0", copy_mode="deepcopy",
-              sync_mode=sync_mode)
-    probe = StepProbe(profile_step=n - 1, logdir=logdir)
-    with record_graphs() as recorded:
-        model.fit(x, y, batch_size=MODEL["batch_size"], epochs=1, shuffle=False, verbose=0,
-                  callbacks=[lms, probe] if swap else [probe])
-    graphs = recorded.run_metadata
-    peaks = profiled_peaks(logdir, graphs, "/CPU:0")
-    runs = measure.op_runs(measure.load_xspace(logdir))
-    timed = probe.times[WARMUP_STEPS:WARMUP_STEPS + TIMED_STEPS]
+def trial(config, size, swap, sync_mode):
+    """One measurement in a fresh subprocess through the trial harness."""
+    run = harness.run_trial(harness.request(
+        config.to_dict(), (size,) * 3, BATCH, swap={"sync_mode": sync_mode} if swap else None,
+        batches="prefetched", timed_steps=TIMED_STEPS))
+    if run["status"] != "ok":
+        raise SystemExit(f"{size}^3 swap={swap}: trial ended {run['status']}: {run['reason']}")
     result = {
-        "step_time_s": statistics.median(timed),
-        "step_times_s": timed,
-        "device_peak_bytes": peaks["step_peak_bytes"],
-        "device_peak_allocation_bytes": peaks["step_peak_allocation_bytes"],
-        "peak_at_op": peaks["peak_at_op"],
-        "live_at_peak": peaks["live_at_peak"],
-        "device_plus_host_peak_bytes": peaks["device_plus_host_peak_bytes"],
-        "buffers_not_counted": peaks["buffers_not_counted"],
+        "step_time_s": run["step_time_s"],
+        "step_times_s": run["step_times_s"],
+        "device_peak_bytes": run["step_peak_with_scratch_bytes"],
+        "device_peak_allocation_bytes": run["step_peak_allocation_bytes"],
+        "peak_at_op": run["peak_at_op"],
+        "live_at_peak": run["live_at_peak"],
+        "device_plus_host_peak_bytes": run["device_plus_host_peak_bytes"],
+        "buffers_not_counted": run["buffers_not_counted"],
     }
     if swap:
-        plan, check = [(p, c) for p, c in zip(lms.plans, verify_swaps(graphs, lms.plans))
-                       if c.found][-1]
-        timings = measure.swapin_timings(runs, [plan])
         result.update({
-            "swapped_tensors": len(plan.swapped),
-            "swapped_bytes_per_step": plan.swapped_bytes,
-            "swap_nodes_live_after_grappler": f"{check.live_swap_nodes}/{check.swap_nodes}",
-            "swap_ins_started_after_trigger": f"{sum(t.after_trigger for t in timings)}/"
-                                              f"{len(plan.swap_ins)}",
+            "swapped_tensors": run["swapped_tensors"],
+            "swapped_bytes_per_step": run["swapped_bytes"],
+            "swap_nodes_live_after_grappler": f"{run['live_swap_nodes']}/{run['swap_nodes']}",
+            "swap_ins_started_after_trigger": f"{run['swap_ins_started_after_trigger']}/"
+                                              f"{run['swap_ins']}",
         })
     return result
-
-
-def run_trial_subprocess(size, swap, sync_mode):
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--trial", str(size), "1" if swap else "0", sync_mode,
-               str(out)]
-        subprocess.run(cmd, check=True)
-        return json.loads(out.read_text())
 
 
 def summarise(runs):
@@ -118,26 +80,25 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--sync-mode", default=LMS().settings.sync_mode,
+    parser.add_argument("--sync-mode", default=SwapSettings().sync_mode,
                         choices=["async", "swapout", "swapin", "both"])
-    parser.add_argument("--trial", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.trial:
-        size, swap, sync_mode, out = args.trial
-        with tempfile.TemporaryDirectory() as logdir:
-            Path(out).write_text(json.dumps(trial(int(size), swap == "1", sync_mode, logdir)))
-        return
-    results = {"model": MODEL, "environment": {**ENV, "inter_op_threads": 1,
-                                               "compute_device": "/CPU:0",
-                                               "host_device": "/CPU:1", "copy_mode": "deepcopy"},
-               "lms_settings": LMS(sync_mode=args.sync_mode).settings.to_dict(),
+    config = load_config(CONFIG)
+    m = config.model
+    results = {"model": {"config": "configs/demo.yaml", "name": m.name,
+                         "base_filters": m.base_filters, "depth": m.depth, "dropout": m.dropout,
+                         "batch_size": BATCH},
+               "environment": {**harness.MEASURE_ENV, "inter_op_threads": 1,
+                               "compute_device": harness.COMPUTE, "host_device": harness.HOST,
+                               "copy_mode": "deepcopy"},
+               "lms_settings": SwapSettings(sync_mode=args.sync_mode).to_dict(),
                "measure": MEASURES,
                "sizes": {}}
     for size in args.sizes:
         trials = {False: [], True: []}
         for repeat in range(args.repeats):
             for swap in (False, True):
-                trials[swap].append(run_trial_subprocess(size, swap, args.sync_mode))
+                trials[swap].append(trial(config, size, swap, args.sync_mode))
                 print(f"{size}^3 repeat {repeat + 1} lms={'on' if swap else 'off'}: "
                       f"step {trials[swap][-1]['step_time_s']:.2f} s, device peak "
                       f"{trials[swap][-1]['device_peak_bytes'] / 2**20:.1f} MiB", flush=True)

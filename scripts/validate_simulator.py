@@ -3,9 +3,9 @@
 Calibration cases use the demo network only (configs/demo.yaml: Isensee U-Net, base 8 filters,
 depth 4); the held-out cases use the paper's network (configs/brats2021_isensee.yaml: base 16,
 depth 5) at several sizes and batches, without and with swapping. Each case is measured in
-``--repeats`` fresh subprocesses (lmstrain.lms.trial_memory: BFC allocator, oneDNN, one
+``--repeats`` fresh subprocesses (lmstrain.planning.harness: BFC allocator, oneDNN, one
 inter-op thread, compute /CPU:0, host /CPU:1, deepcopy swaps) and predicted in this process by
-lmstrain.lms.simulate_step with the CPU executor order. The kernel-scratch share of the
+lmstrain.planning.simulate.simulate_step with the CPU executor order. The kernel-scratch share of the
 allocator peak is refitted on the calibration cases and reported next to the value in use.
 
     python scripts/validate_simulator.py                      # every case, 2 repeats
@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from lmstrain.config import load_config
-from lmstrain.lms import SwapSettings, simulate_step
-from lmstrain.lms.estimate import KERNEL_SCRATCH_SHARE
-from lmstrain.lms.trial_memory import MEASURE_ENV, run_in_subprocess
+from lmstrain.lms import SwapSettings
+from lmstrain.lms.sim.estimate import KERNEL_SCRATCH_SHARE
+from lmstrain.planning import harness
+from lmstrain.planning.simulate import simulate_step
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "simulator_accuracy.json"
@@ -77,8 +78,11 @@ def measure(config, size, batch, swap, repeat, folder):
         return json.loads(path.read_text())
     # With swapping the plan swaps the batch too, so the batch must be the step's own buffer,
     # as in training (fresh_batches); without, it is resident on both sides.
-    run = run_in_subprocess({"config": config.to_dict(), "shape": [size] * 3, "batch": batch,
-                             "swap": {} if swap else None, "fresh_batches": swap})
+    run = harness.run_trial(harness.request(config.to_dict(), (size,) * 3, batch,
+                                            swap={} if swap else None,
+                                            batches="fresh" if swap else "resident"))
+    if run["status"] != "ok":
+        raise SystemExit(f"{size}^3 b{batch} swap={swap}: {run['status']}: {run['reason']}")
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(run))
@@ -97,9 +101,9 @@ def predict(config, size, batch, swap):
 
 def measured(run, swap):
     """(step op-output bytes, step allocator-level bytes) of one measurement."""
-    allocator = (run["step_peak_bytes"] if swap
+    allocator = (run["step_peak_with_scratch_bytes"] if swap
                  else run["allocator_peak_bytes"] - run["allocator_before_bytes"])
-    return run["op_output_peak_bytes"], allocator
+    return run["step_peak_bytes"], allocator
 
 
 def record(case, config, runs, prediction):
@@ -119,7 +123,7 @@ def record(case, config, runs, prediction):
         "op_output": {"predicted_bytes": op_pred, "measured_bytes": op_meas,
                       "error": op_pred / op_meas - 1,
                       "measure": MEASURES[("op_output", swap)]},
-        "predicted": "lmstrain.lms.simulate_step, CPU executor order, "
+        "predicted": "lmstrain.planning.simulate.simulate_step, CPU executor order, "
                      + ("op outputs" if swap else "BFC allocator model")
                      + f", kernel_scratch_share {KERNEL_SCRATCH_SHARE}",
         "runs": [{"op_output_bytes": v[0], "allocator_bytes": v[1],
@@ -182,7 +186,7 @@ def main(argv=None):
               f"allocator {r['error']:+.1%} ({time.time() - started:.0f} s)", flush=True)
     fitted = fit_scratch_share(records)
     result = {
-        "environment": {**MEASURE_ENV, "inter_op_threads": 1, "compute_device": "/CPU:0",
+        "environment": {**harness.MEASURE_ENV, "inter_op_threads": 1, "compute_device": "/CPU:0",
                         "host_device": "/CPU:1", "copy_mode": "deepcopy",
                         "repeats": args.repeats},
         "calibration": {"kernel_scratch_share_in_use": KERNEL_SCRATCH_SHARE,

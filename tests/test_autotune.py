@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from lmstrain.config import config_from_dict, load_config
-from lmstrain.lms import LMS, LMSParameterError, simulate_step
-from lmstrain.lms.simulate import autotune_step
-from lmstrain.lms.trial_memory import run_in_subprocess
+from lmstrain.lms import LMS, BoundExceededError, LMSParameterError
+from lmstrain.planning import harness
+from lmstrain.planning.simulate import autotune_step, simulate_step
 from lmstrain.model.unet3d import isensee2017
 
 SHAPE, BATCH = (32, 32, 32), 2
@@ -46,7 +46,7 @@ def test_the_callback_tunes_each_trace_and_applies_the_choice(plain):
     keras.utils.set_random_seed(0)
     model = isensee2017(SHAPE, base_filters=4, depth=3, dropout=0.1)
     model.compile("adam", "mse")
-    lms = LMS(host_device="/CPU:1", autotune=True, verify=True,
+    lms = LMS(host_device="/CPU:1", autotune=True, verify=True, batch_size=BATCH,
               device_memory=(plain.bound_bytes + plain.peak_bytes) // 2)
     x = np.random.default_rng(0).random((2 * BATCH, *SHAPE, 4), dtype="float32")
     model.fit(x, x[..., :3], batch_size=BATCH, verbose=0, callbacks=[lms])
@@ -60,8 +60,11 @@ def test_the_callback_tunes_each_trace_and_applies_the_choice(plain):
 
 
 def test_a_budget_below_the_bound_is_refused(tiny, plain):
-    with pytest.raises(LMSParameterError, match=r"LMS auto-tune: op .* needs .* on its own"):
+    with pytest.raises(BoundExceededError, match=r"LMS auto-tune: op .* needs .* on its own") \
+            as refused:
         autotune_step(tiny, SHAPE, BATCH, plain.bound_bytes // 2, "cpu")
+    assert refused.value.single_op and refused.value.bound_op == plain.bound_op
+    assert refused.value.bound_bytes == plain.bound_bytes
 
 
 def test_the_callback_refuses_an_impossible_budget_while_tracing():
@@ -91,8 +94,8 @@ def test_the_measured_device_peak_stays_within_the_tuned_budget():
     assert choice.swapped_tensors > 0
     # A new batch every step, as in training: the plan swaps it out, so a batch the dataset
     # kept for the next step would not be freed.
-    run = run_in_subprocess({"config": config.to_dict(), "shape": list(shape), "batch": batch,
-                             "swap": choice.settings.to_dict(), "fresh_batches": True})
+    run = harness.run_trial(harness.request(config.to_dict(), shape, batch,
+                                            swap=choice.settings.to_dict(), batches="fresh"))
     # Device-resident: what the allocator held when the step began (weights, optimizer state,
     # the input pipeline's copies) plus the step's own buffers on /CPU:0 (the batch included).
     measured = run["allocator_before_bytes"] + run["step_peak_allocation_bytes"]

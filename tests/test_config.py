@@ -93,3 +93,17 @@ def test_every_key_has_help():
     keys = list(schema_keys())
     assert len(keys) > 30
     assert all(help_text for _key, _tp, _default, help_text in keys)
+
+
+def test_swap_settings_are_checked_by_the_config(tmp_path):
+    from click.testing import CliRunner
+
+    from lmstrain.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lms: {swapin_ahead: 0}\n")
+    result = CliRunner().invoke(main, ["config", "show", str(path)])
+    assert result.exit_code == 2
+    assert "lms.swapin_ahead: must be at least 1, got 0" in result.output
+    path.write_text("lms: {sync_mode: sometimes}\n")
+    assert CliRunner().invoke(main, ["config", "show", str(path)]).exit_code == 2

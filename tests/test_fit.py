@@ -91,8 +91,8 @@ def test_nan_loss_stops_the_cli_with_exit_1_and_a_message(tmp_path, tiny_config)
 def test_recorder_keeps_the_last_good_checkpoint_when_the_loss_turns_nan(tmp_path):
     import numpy as np
 
-    from lmstrain.callbacks import RunRecorder
-    from lmstrain.rundir import RunFiles, create_run_dir
+    from lmstrain.training.callbacks import RunRecorder
+    from lmstrain.training.rundir import RunFiles, create_run_dir
 
     files = RunFiles(create_run_dir(tmp_path, "nan"))
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])

@@ -12,8 +12,8 @@ from lmstrain.cli import main
 from lmstrain.data.brats import discover_cases
 from lmstrain.data.preprocess import Settings, preprocess_case
 from lmstrain.data.synth import write_dataset
-from lmstrain.evaluation import dice, hd95, score_regions, sensitivity
-from lmstrain.inference import gaussian_weight, segment, sliding_window, write_segmentation
+from lmstrain.evaluation.metrics import dice, hd95, score_regions, sensitivity
+from lmstrain.evaluation.inference import gaussian_weight, segment, sliding_window, write_segmentation
 
 
 def round_trip(case, settings, tmp_path):

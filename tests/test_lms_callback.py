@@ -10,6 +10,7 @@ import logging
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras import layers
 
 from lmstrain.lms import LMS, record_graphs, verify_swaps
@@ -118,6 +119,27 @@ def test_steps_per_execution():
     assert any("outside the step" in s.reason for s in lms.plans[-1].skipped)
 
 
+@pytest.mark.parametrize("steps", [1, 4])
+def test_the_simulator_treats_the_batch_as_the_callback_does(steps):
+    from lmstrain.lms import SwapSettings
+    from lmstrain.lms.sim.trace import batch_specs, trace_train_step
+
+    lms = LMS(host_device=HOST)
+    train(branched_3d, batched(volumes(8, 8, 2, 1), 1), lms=lms,
+          compile_kwargs={"steps_per_execution": steps})
+    keras.utils.set_random_seed(0)
+    model = branched_3d()
+    model.compile(keras.optimizers.Adam(1e-3), "mse", steps_per_execution=steps)
+    simulated = trace_train_step(model, batch_specs([(1, 8, 8, 8, 2), (1, 8, 8, 8, 1)]),
+                                 SwapSettings(), executor="cpu").plan
+
+    def batch_swapped(plan):
+        return "Placeholder" in {s.producer_type for s in plan.swapped}
+
+    assert batch_swapped(lms.plans[-1]) == batch_swapped(simulated) == (steps == 1)
+    assert len(simulated.swapped) == len(lms.plans[-1].swapped)
+
+
 @pytest.fixture
 def mixed_float16():
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -129,6 +151,19 @@ def test_mixed_float16(mixed_float16):
     lms, _ = assert_same_training(small_2d, images(8, 16), loss="sparse_categorical_crossentropy",
                                   batch_size=4)
     assert {s.dtype for s in lms.plans[-1].swapped} >= {"float16"}
+
+
+def test_process_wide_changes_are_undone_when_training_ends():
+    from tensorflow.python.framework import auto_control_deps
+
+    before = auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS
+    lms = LMS(host_device=HOST, copy_mode="deepcopy")
+    train(branched_3d, batched(volumes(2, 8, 2, 1), 2), lms=lms, compile_kwargs={
+        "jit_compile": True})
+    assert lms.plans and lms.plans[-1].swapped
+    assert auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS == before
+    assert "DeepCopy" not in before
+    assert lms.model.jit_compile is True
 
 
 def test_compute_equal_to_host_leaves_graph_alone(caplog):
@@ -183,20 +218,31 @@ def test_plan_report_is_json_with_swapped_and_skipped_tensors():
     assert plan["totals"]["swapped_bytes"] == sum(s["bytes"] for s in plan["swapped"])
 
 
-def test_unknown_batch_dimension_uses_the_batch_size_of_fit():
-    lms = LMS(host_device=HOST)
+def test_unknown_batch_dimension_uses_the_given_batch_size(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("lmstrain"), "propagate", True)  # the CLI turns it off
+    lms = LMS(host_device=HOST, batch_size=2)
     train(branched_3d, volumes(5, 8, 2, 1), lms=lms, batch_size=2)  # 2, 2, 1: shapes unknown
     plan = lms.plans[-1]
-    assert (plan.batch_size, plan.batch_size_source) == (2, "fit batch_size")
+    assert (plan.batch_size, plan.batch_size_source) == (2, "LMS batch_size")
     relu = next(s for s in plan.swapped if s.shape[0] is None and s.shape[-1] == 4)
     assert relu.bytes == 2 * 8 * 8 * 8 * 4 * 4
+    caplog.clear()
+    unknown = LMS(host_device=HOST)
+    train(branched_3d, volumes(5, 8, 2, 1), lms=unknown, batch_size=2)
+    assert unknown.plans[-1].batch_size_source == "unknown (sizes per sample)"
+    assert "Pass LMS(batch_size=N)" in caplog.text
+
+
+def batched(data, batch_size):
+    """A dataset of static-shape batches (the traced step then knows its batch size)."""
+    return (tf.data.Dataset.from_tensor_slices(data).batch(batch_size, drop_remainder=True),)
 
 
 def test_every_trace_is_rewritten():
     lms = LMS(host_device=HOST)
-    train(branched_3d, volumes(2, 8, 2, 1), lms=lms, batch_size=2)
+    train(branched_3d, batched(volumes(2, 8, 2, 1), 2), lms=lms)
     first = len(lms.plans)
-    train(branched_3d, volumes(4, 8, 2, 1), lms=lms, batch_size=4)
+    train(branched_3d, batched(volumes(4, 8, 2, 1), 4), lms=lms)
     assert first >= 1 and len(lms.plans) > first
     assert [p.trace for p in lms.plans] == list(range(1, len(lms.plans) + 1))
     assert all(p.swapped for p in lms.plans)

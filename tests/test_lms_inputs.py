@@ -3,10 +3,11 @@
 import tensorflow as tf
 
 from lmstrain.config import load_config
-from lmstrain.lms import SwapSettings, simulate_step
+from lmstrain.lms import SwapSettings
 from lmstrain.lms.graph import StepGraph, step_inputs
 from lmstrain.lms.plan import make_plan
-from lmstrain.lms.trial_memory import run_in_subprocess
+from lmstrain.planning import harness
+from lmstrain.planning.simulate import simulate_step
 
 CPU0 = "/job:localhost/replica:0/task:0/device:CPU:0"
 CPU1 = "/job:localhost/replica:0/task:0/device:CPU:1"
@@ -33,7 +34,7 @@ def test_only_the_step_arguments_are_inputs_and_they_are_swapped():
     plan = make_plan(step, SwapSettings(), CPU0, CPU1, "snapshot", function="step", trace=1,
                      batch_size_source="test")
     assert "x:0" in [s.tensor for s in plan.swapped]
-    step.input_ops = frozenset()  # the batch is held outside the step
+    step = StepGraph.analyse(graph, graph.outputs, batch_owned=False)  # held outside
     plan = make_plan(step, SwapSettings(), CPU0, CPU1, "snapshot", function="step", trace=1,
                      batch_size_source="test")
     assert "x:0" not in [s.tensor for s in plan.swapped]
@@ -44,10 +45,9 @@ def test_a_swapped_batch_is_freed_after_its_swap_out_and_the_peak_drops():
     config = load_config("configs/demo.yaml")
     shape, batch = (32, 32, 32), 2
     image, targets = batch * 32**3 * 4 * 4, batch * 32**3 * 3 * 4
-    request = {"config": config.to_dict(), "shape": list(shape), "batch": batch,
-               "fresh_batches": True}
-    kept = run_in_subprocess({**request, "swap": KEEP_INPUTS})
-    swapped = run_in_subprocess({**request, "swap": {}})
+    kept, swapped = (harness.run_trial(harness.request(config.to_dict(), shape, batch, swap=swap,
+                                                       batches="fresh"))
+                     for swap in (KEEP_INPUTS, {}))
     assert swapped["swapped_tensors"] == kept["swapped_tensors"] + 2
 
     def freed(run, size):

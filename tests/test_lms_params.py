@@ -4,8 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from lmstrain.errors import UserError
-from lmstrain.lms import LMS
+from lmstrain.lms import LMS, LMSError
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -25,8 +24,9 @@ from lmstrain.lms import LMS
      "LMS host_device must be a device name such as '/CPU:0', '/GPU:0' or "
      "'/job:localhost/replica:0/task:0/device:CPU:1'; got 'the host'."),
     ({"compute_device": 0}, "LMS compute_device must be a device name"),
-    ({"device_memory": -1},
-     "LMS device_memory must be a positive number of bytes or None; got -1."),
+    ({"device_memory": -1}, "LMS device_memory must be a positive integer or None; got -1."),
+    ({"batch_size": 0}, "LMS batch_size must be a positive integer or None; got 0."),
+    ({"swap_in_ahead": 2}, "LMS got unknown argument(s) swap_in_ahead; swap settings are"),
     ({"autotune": "yes"}, "LMS autotune must be one of True, False; got 'yes'."),
     ({"verify": "yes"}, "LMS verify must be one of True, False; got 'yes'."),
 ])
@@ -34,7 +34,7 @@ def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(ValueError) as error:
         LMS(**kwargs)
     assert message in str(error.value)
-    assert isinstance(error.value, UserError)
+    assert isinstance(error.value, LMSError)
 
 
 def test_config_style_values_are_accepted():
@@ -57,3 +57,14 @@ def test_unknown_devices_are_refused_when_training_starts(kwargs, message):
     with pytest.raises(ValueError, match="is not a device of this process") as error:
         model.fit(np.ones((2, 3)), np.ones((2, 2)), verbose=0, callbacks=[LMS(**kwargs)])
     assert str(error.value) == message
+
+
+def test_the_callback_is_built_from_settings_declared_once():
+    from lmstrain.config import load_config, swap_settings
+    from lmstrain.lms import SwapSettings
+
+    lms = LMS(SwapSettings(swapout_threshold=3), swapin_ahead=2)
+    assert lms.settings == SwapSettings(swapout_threshold=3, swapin_ahead=2)
+    config = load_config("configs/demo.yaml", ["lms.swapin_groupby=4"])
+    assert swap_settings(config) == SwapSettings(swapin_groupby=4)
+    assert LMS(swap_settings(config)).settings.swapin_groupby == 4

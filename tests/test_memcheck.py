@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from lmstrain.cli import main
 from lmstrain.config import config_from_dict
-from lmstrain.memcheck import check
+from lmstrain.training.memcheck import check
 
 
 def test_auto_swaps_when_the_predicted_peak_exceeds_the_budget(tmp_path, tiny_config):

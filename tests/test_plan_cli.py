@@ -37,8 +37,10 @@ def test_plan_json_has_every_key_and_swapping_reaches_a_larger_size(config_file)
     assert shape[0] == shape[1] == size and shape[2] == size // 2 // 4 * 4  # divisor 4
     assert report["voxel_ratio"] == pytest.approx(
         report["max_voxels_with_swap"] / report["max_voxels_without_swap"])
-    assert report["limited_by"] in ("device memory", "single op", "element count",
-                                    "host memory")
+    # 76 fits with swapping and the next candidate's plans do not: memory stops growth,
+    # not the op bound, the element limit or this machine's RAM.
+    assert (report["limited_by"], report["limited_by_without_swap"]) == (
+        "device memory", "device memory")
 
 
 def test_plan_text_scales_the_size_and_says_what_it_needs(config_file):
@@ -58,16 +60,17 @@ def test_a_bad_device_memory_exits_2(config_file, value):
 
 
 def test_host_memory_defaults_to_the_machine_that_will_train(monkeypatch):
-    from lmstrain.lms import sizing
-    from lmstrain.lms.sizing import physical_memory
+    from lmstrain.lms import devices
+    from lmstrain.lms.devices import physical_memory
+    from lmstrain.planning import sizing
 
-    monkeypatch.setattr(sizing.tf.config, "list_physical_devices", lambda kind=None: [])
+    monkeypatch.setattr(devices.tf.config, "list_physical_devices", lambda kind=None: [])
     # No GPU here: the CPU executor's order is this machine's (its RAM holds the host copies);
     # the GPU executor's order plans for another machine, whose RAM is unknown: no limit.
     assert sizing.default_host_memory("cpu") == physical_memory()
     assert sizing.default_host_memory("gpu") is None
     # A GPU here: TensorFlow's pinned host allocator, as lmstrain fit sets it up.
-    monkeypatch.setattr(sizing.tf.config, "list_physical_devices",
+    monkeypatch.setattr(devices.tf.config, "list_physical_devices",
                         lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
     monkeypatch.delenv("TF_GPU_HOST_MEM_LIMIT_IN_MB", raising=False)
     assert sizing.default_host_memory("gpu") == physical_memory()
@@ -76,7 +79,7 @@ def test_host_memory_defaults_to_the_machine_that_will_train(monkeypatch):
 
 
 def test_the_text_says_when_host_memory_is_not_a_limit():
-    from lmstrain.lms.capacity import format_capacity
+    from lmstrain.cli.tables import plan_lines
 
     report = {"shape": [16, 16, 16], "batch": 1, "executor": "gpu",
               "device_memory_bytes": None, "host_memory_bytes": None,
@@ -87,4 +90,15 @@ def test_the_text_says_when_host_memory_is_not_a_limit():
               "swapped_bytes_per_step": 0, "host_bytes_with_swap": 0, "bound_bytes": 1,
               "bound_op": "a", "largest_tensor": "t", "largest_tensor_elements": 1,
               "element_limit_size": None}
-    assert "host memory not limited (pass --host-memory)" in format_capacity(report)[0]
+    assert "host memory not limited (pass --host-memory)" in plan_lines(report)[0]
+
+
+def test_limited_by_names_the_size_range_when_every_size_fits(config_file, monkeypatch):
+    from lmstrain.config import load_config
+    from lmstrain.planning import sizing
+
+    config = load_config(config_file)
+    monkeypatch.setattr(sizing, "candidate_shapes", lambda base, div: [(16, 16, 8), (32, 32, 16)])
+    limit = sizing.max_size(config, 1, 2**30, False, executor="cpu", host_memory=None)
+    assert limit.shape == (32, 32, 16)
+    assert limit.limited_by == sizing.SIZE_RANGE and limit.next_shape is None

@@ -4,10 +4,11 @@ import pytest
 import tensorflow as tf
 
 from lmstrain.config import config_from_dict
-from lmstrain.lms import bfc, dataflow, liveness, schedule, simulate_step
-from lmstrain.lms.dataflow import Dataflow, Node, Output
+from lmstrain.lms.sim import bfc, dataflow, liveness, schedule
+from lmstrain.planning.simulate import simulate_step
+from lmstrain.lms.sim.dataflow import Dataflow, Node, Output
 from lmstrain.lms.graph import StepGraph
-from lmstrain.lms.sizing import candidate_shapes, scaled_shape
+from lmstrain.planning.sizing import candidate_shapes, scaled_shape
 
 MIB = 2**20
 

@@ -1,17 +1,17 @@
 """The simulator against a measurement (a subprocess with the BFC allocator and the profiler)."""
 
 from lmstrain.config import load_config
-from lmstrain.lms import simulate_step
-from lmstrain.lms.trial_memory import run_in_subprocess
+from lmstrain.planning import harness
+from lmstrain.planning.simulate import simulate_step
 
 
 def test_predicted_peaks_match_a_measured_step():
     config = load_config("configs/demo.yaml")
     shape, batch = (48, 48, 48), 2
     predicted = simulate_step(config, shape, batch, executor="cpu")
-    run = run_in_subprocess({"config": config.to_dict(), "shape": list(shape), "batch": batch})
+    run = harness.run_trial(harness.request(config.to_dict(), shape, batch))
     # Op outputs of the step on the device, from the profiler's allocation events.
-    assert abs(predicted.step_peak_bytes / run["op_output_peak_bytes"] - 1) <= 0.05
+    assert abs(predicted.step_peak_bytes / run["step_peak_bytes"] - 1) <= 0.05
     # What the allocator grew by during the step (chunk rounding and kernel scratch included).
     measured = run["allocator_peak_bytes"] - run["allocator_before_bytes"]
     resident = sum(predicted.resident.values())

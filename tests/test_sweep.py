@@ -2,14 +2,17 @@
 
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from lmstrain.cli import main
 from lmstrain.config import config_from_dict
+from lmstrain.cli.params import SizeRange
 from lmstrain.errors import UserError
-from lmstrain.sweep import (Sweep, SweepOptions, Trial, TrialSpec, parse_sizes,
-                            run_trial_process, scaled_shapes, search_largest)
+from lmstrain.planning import harness
+from lmstrain.planning.sweep import (Sweep, SweepOptions, Trial, TrialSpec, run_trial_process,
+                                     scaled_shapes, search_largest)
 
 
 def fake_runner(limit, log):
@@ -46,14 +49,15 @@ def test_search_when_nothing_or_everything_fits():
 
 
 def test_sizes_keep_the_aspect_and_round_to_the_divisor():
-    assert parse_sizes("64:128:32") == [64, 96, 128]
-    assert parse_sizes("80") == [80]
+    sizes = SizeRange()
+    assert sizes.convert("64:128:32", None, None) == [64, 96, 128]
+    assert sizes.convert("80", None, None) == [80]
     assert scaled_shapes((160, 192, 128), [96, 192], 16) == [
         (96, (80, 96, 64)), (192, (160, 192, 128))]
     assert scaled_shapes((64, 64, 32), [20, 24], 16) == [(16, (16, 16, 16))]  # deduplicated
     for bad in ("64:32:16", "0:64:16", "64:128:0", "a:b:c", "1:2:3:4"):
-        with pytest.raises(UserError, match="--sizes"):
-            parse_sizes(bad)
+        with pytest.raises(click.BadParameter, match="FROM"):
+            sizes.convert(bad, None, None)
 
 
 @pytest.fixture
@@ -63,32 +67,34 @@ def tiny():
 
 
 def test_real_trials_pass_and_run_out_of_memory_in_the_child(tiny, tmp_path):
-    ok = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, False, 256 * 2**20), tmp_path, 600)
+    ok = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, False, 256 * 2**20), 600)
     assert ok.status == "ok", ok.reason
     assert 0 < ok.measured_peak_bytes < 256 * 2**20 and ok.step_time_s > 0
     assert ok.source == "cpu-capped"
-    oom = run_trial_process(tiny, TrialSpec((64, 64, 64), 1, False, 64 * 2**20), tmp_path, 600)
+    oom = run_trial_process(tiny, TrialSpec((64, 64, 64), 1, False, 64 * 2**20), 600)
     assert oom.status == "oom"
     assert oom.reason.startswith("ResourceExhaustedError: OOM when allocating")
     assert not list(tmp_path.iterdir())  # spec and result files cleaned up
 
 
 def test_a_swapping_trial_on_cpu_is_judged_by_its_device_attributed_peak(tiny, tmp_path):
-    trial = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, True, 2**20), tmp_path, 600)
+    trial = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, True, 2**20), 600)
     assert trial.source == "cpu-device-attributed" and trial.extra["swapped_bytes"] > 0
     assert trial.measured_peak_bytes == (trial.extra["resident_bytes"]
                                          + trial.extra["step_peak_allocation_bytes"]) > 2**20
     assert trial.status == "oom" and "exceeds the budget of 1.0 MiB" in trial.reason
 
 
-def test_resume_reuses_finished_trials(tiny, tmp_path):
+def test_resume_reuses_finished_trials(tiny, tmp_path, monkeypatch):
     options = SweepOptions(sizes=[16, 24, 32], batch_sizes=[1], lms=[False],
                            budgets=[2**30])
     sweep = Sweep(tiny, options, tmp_path / "sweep")
-    # Trials an interrupted sweep finished. The recorded outcome at 32^3 ("oom" at 1 GiB)
-    # is not what a real trial would give, so the summary shows they were reused. The
-    # simulator seeds the search at 32^3 (it fits in 1 GiB), so no new trial runs.
-    for size, status in ((24, "ok"), (32, "oom")):
+    # Trials an interrupted sweep finished, every candidate: wherever the simulator seeds the
+    # search, it needs no new trial. The recorded outcome at 32^3 ("oom" at 1 GiB) is not what
+    # a real trial would give, so the summary shows they were reused.
+    monkeypatch.setattr("lmstrain.planning.sweep.run_trial_process",
+                        lambda *args: pytest.fail("a finished trial ran again"))
+    for size, status in ((16, "ok"), (24, "ok"), (32, "oom")):
         spec = TrialSpec((size,) * 3, 1, False, 2**30)
         trial = Trial(shape=[size] * 3, size=size, batch=1, lms=False,
                       device_memory_bytes=2**30, status=status, source="cpu-capped")
@@ -99,7 +105,7 @@ def test_resume_reuses_finished_trials(tiny, tmp_path):
     assert results["summary"] == [{
         "device_memory_bytes": 2**30, "batch": 1, "lms": False, "max_size": 24,
         "max_shape": [24, 24, 24], "max_voxels": 24**3, "limited_by": "device memory"}]
-    assert [t["size"] for t in results["trials"]] == [32, 24]
+    assert {t["size"] for t in results["trials"]} >= {24, 32}
     saved = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert saved["summary"] == results["summary"]
     header = (tmp_path / "sweep" / "results.csv").read_text().splitlines()[0]
@@ -109,11 +115,12 @@ def test_resume_reuses_finished_trials(tiny, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--sizes", "128:64:16", "--device-memory", "1GiB"],
-     "--sizes 128:64:16: need 0 < FROM <= TO and STEP > 0"),
-    (["--sizes", "big", "--device-memory", "1GiB"], "--sizes expects FROM:TO:STEP"),
+     "Invalid value for '--sizes': 128:64:16: need 0 < FROM <= TO and STEP > 0"),
+    (["--sizes", "big", "--device-memory", "1GiB"],
+     "Invalid value for '--sizes': expected FROM:TO:STEP"),
     (["--batch-sizes", "1,0", "--device-memory", "1GiB"],
-     "--batch-sizes expects comma-separated positive integers"),
-    (["--device-memory", "lots"], "--device-memory: expected a size such as 16GiB"),
+     "Invalid value for '--batch-sizes': 0 is not in the range x>=1"),
+    (["--device-memory", "lots"], "Invalid value for '--device-memory': expected a size such as 16GiB"),
     ([], "pass --device-memory"),
 ])
 def test_bad_ranges_exit_2_with_a_clear_message(tmp_path, args, message):
@@ -129,14 +136,12 @@ def test_a_child_that_dies_is_a_crash_and_a_slow_one_a_timeout(tiny, tmp_path):
     import subprocess
     import sys
 
-    from lmstrain.sweep import _death
-
     child = subprocess.run([sys.executable, "-c", "import os, signal, sys; "
                             "print('last words', file=sys.stderr); "
                             "os.kill(os.getpid(), signal.SIGSEGV)"],
                            capture_output=True, text=True)
-    assert _death(child) == "killed by SIGSEGV: last words"
-    slow = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, False, 2**30), tmp_path, 1)
+    assert harness.death(child.returncode, child.stderr) == "killed by SIGSEGV: last words"
+    slow = run_trial_process(tiny, TrialSpec((16, 16, 16), 1, False, 2**30), 1)
     assert slow.status == "timeout" and slow.reason == "no result within 1 s"
 
 
@@ -163,3 +168,18 @@ def test_simulate_mode_finds_both_limits_without_training_and_resumes(tmp_path):
     assert len(list((tmp_path / "o" / "trials").glob("*.json"))) == len(results["trials"])
     again = CliRunner().invoke(main, [*args, "--resume"])
     assert again.exit_code == 0 and json.loads(again.output)["summary"] == results["summary"]
+
+
+def test_gpu_trials_with_swapping_may_use_the_host_ram_like_fit(monkeypatch):
+    from lmstrain.lms.devices import physical_memory
+
+    monkeypatch.delenv("TF_GPU_HOST_MEM_LIMIT_IN_MB", raising=False)
+    swap = harness.request({}, (16, 16, 16), 1, swap={}, budget_bytes=2**30)
+    plain = harness.request({}, (16, 16, 16), 1, budget_bytes=2**30)
+    env = harness.environment(swap, gpu=True)
+    assert env["TF_GPU_HOST_MEM_LIMIT_IN_MB"] == str(physical_memory() // 2**20)
+    assert "TF_CPU_BFC_MEM_LIMIT_IN_MB" not in env
+    assert "TF_GPU_HOST_MEM_LIMIT_IN_MB" not in harness.environment(plain, gpu=True)
+    assert harness.environment(plain, gpu=False)["TF_CPU_BFC_MEM_LIMIT_IN_MB"] == "1024"
+    monkeypatch.setenv("TF_GPU_HOST_MEM_LIMIT_IN_MB", "4096")  # the user's own setting wins
+    assert "TF_GPU_HOST_MEM_LIMIT_IN_MB" not in harness.environment(swap, gpu=True)

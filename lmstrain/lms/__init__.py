@@ -1,22 +1,26 @@
-"""TFLMS-style activation swapping for Keras 3 on TensorFlow 2.x, and its memory simulator.
+"""TFLMS-style activation swapping for Keras 3 on TensorFlow 2.x: a library on its own.
 
-``LMS`` is the callback; ``split_cpu`` prepares a CPU-only machine (compute /CPU:0, host
-/CPU:1); ``verify_swaps`` proves from post-optimisation graphs that swap nodes are live;
-``lmstrain.lms.measure`` replays the profiler's allocation events into a device memory peak.
-``simulate_step`` predicts a training step's device memory from its traced graph and
-``max_size`` the largest input size that fits a budget, with or without swapping.
+``LMS`` is the callback; :class:`SwapSettings` what it swaps and when; ``split_cpu`` prepares a
+CPU-only machine (compute /CPU:0, host /CPU:1); ``verify_swaps`` proves from
+post-optimisation graphs that swap nodes are live. The memory simulator is
+:mod:`lmstrain.lms.sim` (``estimate_model`` for any compiled Keras model) and the profiler
+replay that measures device-attributed peaks is :mod:`lmstrain.lms.profile`. This package
+imports only the standard library, TensorFlow, Keras, NumPy and itself; its names load on
+first use, so ``lmstrain.lms.settings`` can be read without starting TensorFlow.
 """
 
-from lmstrain.lms.callback import LMS
-from lmstrain.lms.devices import split_cpu
-from lmstrain.lms.estimate import MemoryEstimate
-from lmstrain.lms.plan import SwapPlan
-from lmstrain.lms.rewrite import SwapCycleError
-from lmstrain.lms.settings import LMSParameterError, SwapSettings
-from lmstrain.lms.simulate import simulate_step
-from lmstrain.lms.sizing import SizeLimit, max_size
-from lmstrain.lms.verify import SwapCheck, record_graphs, verify_swaps
+import importlib
 
-__all__ = ["LMS", "LMSParameterError", "MemoryEstimate", "SizeLimit", "SwapCheck",
-           "SwapCycleError", "SwapPlan", "SwapSettings", "max_size", "record_graphs",
-           "simulate_step", "split_cpu", "verify_swaps"]
+_EXPORTS = {
+    "LMS": "callback", "split_cpu": "devices", "BoundExceededError": "errors",
+    "LMSError": "errors", "LMSParameterError": "errors", "SwapCycleError": "errors",
+    "SwapPlan": "plan", "SwapSettings": "settings", "SwapCheck": "verify",
+    "record_graphs": "verify", "verify_swaps": "verify",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lmstrain.lms' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lmstrain.lms.{_EXPORTS[name]}"), name)

@@ -1,21 +1,25 @@
 """The public ``LMS`` Keras callback: swap activations to host memory during training."""
 
+import contextlib
+import dataclasses
 import functools
 import logging
-import sys
+from typing import Any
 
 import keras
 import tensorflow as tf
 
-from lmstrain.lms import autotune as tuning
-from lmstrain.lms import dataflow, devices, tfgraph
-from lmstrain.lms.graph import StepGraph
-from lmstrain.lms.plan import make_plan
-from lmstrain.lms.rewrite import apply_plan
-from lmstrain.lms.settings import COPY_MODES, LMSParameterError, SwapSettings, check_choice
-from lmstrain.lms.simulate import resident_variables, trainable_bytes
-from lmstrain.lms.verify import verify_swaps
-from lmstrain.units import format_bytes
+from lmstrain.lms import _tf, devices
+from lmstrain.lms.errors import LMSParameterError
+from lmstrain.lms.graph import StepGraph, owns_batch
+from lmstrain.lms.pipeline import SwapTarget, rewrite_step
+from lmstrain.lms.plan import SwapPlan
+from lmstrain.lms.settings import COPY_MODES, SwapSettings, check_choice
+from lmstrain.lms.sim import autotune as tuning
+from lmstrain.lms.sim import dataflow
+from lmstrain.lms.sim.trace import resident_variables, trainable_bytes
+from lmstrain.lms.units import format_bytes
+from lmstrain.lms.verify import SwapCheck, verify_swaps
 
 log = logging.getLogger("lmstrain.lms")
 
@@ -28,9 +32,13 @@ class LMS(keras.callbacks.Callback):
     back (swap-in) shortly before its backward consumers run, so the device does not have to
     hold it in between. Works on any Keras 3 model with the TensorFlow backend::
 
-        model.fit(x, y, callbacks=[LMS(host_device="/CPU:0")])
+        model.fit(x, y, batch_size=8, callbacks=[LMS(batch_size=8)])
+
+    The swap settings are those of :class:`~lmstrain.lms.settings.SwapSettings`, given as
+    ``settings`` or as keyword arguments (``LMS(swapout_threshold=3)``):
 
     Args:
+        settings: a :class:`SwapSettings`; keyword arguments of the same names override it.
         min_tensor_bytes: smallest tensor that is swapped.
         swapout_threshold: swap a tensor for the backward consumers that are more than this
             many topological levels after its producer; nearer consumers keep the original.
@@ -45,14 +53,14 @@ class LMS(keras.callbacks.Callback):
         include_types, exclude_types: op types whose outputs are (only / never) swapped.
         include_scopes, exclude_scopes: name scopes whose op outputs are (only / never)
             swapped; a scope matches whole name components (``enc0_ctx1_conv``).
-        host_device: where swapped tensors wait. None picks /CPU:1 when the model runs on a CPU
-            split by :func:`lmstrain.lms.split_cpu`, else /CPU:0.
+        host_device: where swapped tensors wait. None (the default) picks /CPU:1 when the model
+            runs on a CPU split by :func:`lmstrain.lms.split_cpu`, else /CPU:0.
         compute_device: where the model runs; None = the first GPU, else the first CPU.
             When it is the host device, the callback says so and leaves the graph alone.
         autotune: choose ``swapout_threshold``, ``swapin_ahead`` and ``swapin_groupby`` for
             each traced step with the memory simulator: the least swapping that fits
             ``device_memory``, then the earliest prefetch that still fits
-            (:mod:`lmstrain.lms.autotune`); the other settings are kept. Raises
+            (:mod:`lmstrain.lms.sim.autotune`); the other settings are kept. Raises
             :class:`LMSParameterError` when even the physical bound does not fit.
         device_memory: the device's memory budget in bytes for auto-tuning; None = the GPU's
             memory as TensorFlow reports it (required on a CPU).
@@ -60,45 +68,49 @@ class LMS(keras.callbacks.Callback):
         copy_mode: ``"snapshot"`` (default; on a GPU the transfer is the copy) or
             ``"deepcopy"``, which forces a real copy between logical CPUs so that memory
             measurements on CPU see the swap.
+        batch_size: the batch size, for tensor sizes when the traced step's batch dimension is
+            unknown (``model.fit`` on arrays whose length the batch does not divide); None =
+            the traced shape (batch with ``drop_remainder=True`` to make it static).
+
+    Numerics: swap nodes copy bit for bit and the planner keeps Grappler's arithmetic
+    rewrites (add chains into AddN, associative reordering, Div/Sqrt, Square/Sub, Log/Softmax)
+    possible, so training rounds as without swapping; other Grappler rewrites a swap may stop
+    can change the rounding at float precision, never what is computed (see the README).
 
     After training, ``plans`` holds one :class:`~lmstrain.lms.plan.SwapPlan` per traced
     function, ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each (verify=True) and
-    ``choices`` the :class:`~lmstrain.lms.autotune.Choice` of each (autotune=True).
+    ``choices`` the :class:`~lmstrain.lms.sim.autotune.Choice` of each (autotune=True).
     """
 
-    def __init__(self, min_tensor_bytes=4096, swapout_threshold=1, swapin_ahead=1,
-                 swapin_groupby=0, sync_mode="swapout", include_types=(), exclude_types=(),
-                 include_scopes=(), exclude_scopes=(), host_device="/CPU:0", compute_device=None,
-                 autotune=False, device_memory=None, verify=False, copy_mode="snapshot"):
+    def __init__(self, settings: SwapSettings | None = None, *, host_device: str | None = None,
+                 compute_device: str | None = None, autotune: bool = False,
+                 device_memory: int | None = None, verify: bool = False,
+                 copy_mode: str = "snapshot", batch_size: int | None = None,
+                 **swap_settings: Any):
         super().__init__()
-        self.settings = SwapSettings(
-            min_tensor_bytes=min_tensor_bytes, swapout_threshold=swapout_threshold,
-            swapin_ahead=swapin_ahead, swapin_groupby=swapin_groupby, sync_mode=sync_mode,
-            include_types=include_types, exclude_types=exclude_types,
-            include_scopes=include_scopes, exclude_scopes=exclude_scopes)
+        self.settings = _settings(settings, swap_settings)
         check_choice("autotune", autotune, (True, False))
-        if device_memory is not None and (isinstance(device_memory, bool)
-                                          or not isinstance(device_memory, int)
-                                          or device_memory <= 0):
-            raise LMSParameterError(
-                f"LMS device_memory must be a positive number of bytes or None; "
-                f"got {device_memory!r}.")
-        check_choice("copy_mode", copy_mode, COPY_MODES)
         check_choice("verify", verify, (True, False))
+        check_choice("copy_mode", copy_mode, COPY_MODES)
+        for name, value in (("device_memory", device_memory), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise LMSParameterError(f"LMS {name} must be a positive integer or None; got "
+                                        f"{value!r}.", key=name)
         self.host_device = devices.check_spec(host_device, "host_device")
         self.compute_device = devices.check_spec(compute_device, "compute_device")
         self.device_memory = device_memory
         self.autotune = autotune
         self.verify = verify
         self.copy_mode = copy_mode
-        self.plans = []
-        self.checks = []
-        self.choices = []
+        self.batch_size = batch_size
+        self.plans: list[SwapPlan] = []
+        self.checks: list[SwapCheck] = []
+        self.choices: list[tuning.Choice] = []
         self._devices = None
         self._budget = None
         self._said_same_device = False
-        self._fit_batch_size = None
-        self._restore_jit = None
+        self._restore = contextlib.ExitStack()
 
     @property
     def active(self):
@@ -140,17 +152,20 @@ class LMS(keras.callbacks.Callback):
             log.warning("LMS: the model runs eagerly (run_eagerly=True): there is no traced "
                         "step to rewrite, so nothing is swapped.")
             return
+        self._restore.close()  # a previous fit that raised may have left changes in place
         if model.jit_compile:
             log.warning("LMS: turning XLA off (jit_compile=False) while swapping: XLA "
                         "compiles the swap nodes away.")
-            self._restore_jit = model.jit_compile
+            self._restore.callback(setattr, model, "jit_compile", model.jit_compile)
             model.jit_compile = False
+        if self.copy_mode == "deepcopy":
+            self._restore.enter_context(_tf.order_insensitive("DeepCopy"))
         if not self._wrapped():  # still wrapped if a previous fit raised
             model.train_step = self._wrap(model.train_step)
         model.make_train_function(force=True)
-        self._fit_batch_size = _fit_batch_size()
         if self.verify:
-            tfgraph.start_graph_collection()
+            _tf.start_graph_collection()
+            self._restore.callback(_tf.stop_graph_collection)
 
     def _wrap(self, train_step):
         @functools.wraps(train_step)
@@ -166,31 +181,28 @@ class LMS(keras.callbacks.Callback):
     def _rewrite(self, graph, data, outputs):
         batch_size, source = self._batch_size(data)
         returned = [t for t in tf.nest.flatten(outputs) if isinstance(t, tf.Tensor)]
-        step = StepGraph.analyse(graph, returned, batch_size)
         compute, host = self._devices
-        if not devices.is_gpu(compute) and getattr(self.model, "steps_per_execution", 1) > 1:
-            # The steps_per_execution loop fetches the next batch as an Optional that holds
-            # it for the whole step. On a GPU that is the host's copy and the device's copy is
-            # still freed after its swap-out; between logical CPUs both are one buffer.
-            step.input_ops = frozenset()
-        settings = self._tune(step) if self.autotune else self.settings
-        plan = make_plan(step, settings, compute, host, self.copy_mode,
-                         function=graph.name, trace=len(self.plans) + 1,
-                         batch_size_source=source)
-        apply_plan(step, plan)
+        steps = getattr(self.model, "steps_per_execution", 1) or 1
+        target = SwapTarget(compute, host, self.copy_mode,
+                            owns_batch(devices.is_gpu(compute), steps))
+        plan = rewrite_step(graph, returned, batch_size, target,
+                            self._tune if self.autotune else self.settings,
+                            function=graph.name, trace=len(self.plans) + 1,
+                            batch_size_source=source)
         self.plans.append(plan)
         log.info("LMS: %s (trace %d): %s", plan.function, plan.trace, plan.summary())
         for note in plan.notes:
             log.warning("LMS: %s (trace %d): %s", plan.function, plan.trace, note)
 
-    def _tune(self, step):
-        """Auto-tuned settings for ``step`` (see :mod:`lmstrain.lms.autotune`); logs the choice."""
+    def _tune(self, step: StepGraph) -> SwapSettings:
+        """Auto-tuned settings for ``step`` (see :mod:`lmstrain.lms.sim.autotune`); logs the
+        choice."""
         compute, host = self._devices
         executor = "gpu" if devices.is_gpu(compute) else "cpu"
         flow = dataflow.build(step, compute, resident_variables(self.model), executor == "cpu")
-        choice = tuning.tune(step, flow, self.settings, self._budget, compute, host,
-                             executor=executor, weight_bytes=trainable_bytes(self.model),
-                             copy_mode=self.copy_mode)
+        target = SwapTarget(compute, host, self.copy_mode, step.batch_owned)
+        choice = tuning.tune(step, flow, self.settings, self._budget, target,
+                             executor=executor, weight_bytes=trainable_bytes(self.model))
         self.choices.append(choice)
         log.info("%s", choice.summary())
         limit = devices.host_memory_limit()
@@ -208,10 +220,11 @@ class LMS(keras.callbacks.Callback):
                 if tensor.shape[0] is not None:
                     return tensor.shape[0], "traced shape"
                 break
-        if self._fit_batch_size:
-            return self._fit_batch_size, "fit batch_size"
+        if self.batch_size:
+            return self.batch_size, "LMS batch_size"
         log.warning("LMS: batch size unknown while tracing; tensor sizes are per sample. "
-                    "Batch with drop_remainder=True to give the traced step static shapes.")
+                    "Pass LMS(batch_size=N), or batch with drop_remainder=True to give the "
+                    "traced step static shapes.")
         return 1, "unknown (sizes per sample)"
 
     def on_train_batch_end(self, batch, logs=None):
@@ -219,17 +232,16 @@ class LMS(keras.callbacks.Callback):
             self._check_plans(final=False)
 
     def on_train_end(self, logs=None):
-        """Check the remaining plans, then give the model back its own training step."""
+        """Check the remaining plans, give the model back its own training step, and undo the
+        process-wide changes made for training (XLA off, DeepCopy ordering, graph
+        collection)."""
         if not self._wrapped():
             return
         if self.verify:
             self._check_plans(final=True)
-            tfgraph.stop_graph_collection()
         del self.model.train_step
         self.model.train_function = None
-        if self._restore_jit is not None:
-            self.model.jit_compile = self._restore_jit
-            self._restore_jit = None
+        self._restore.close()
 
     def _wrapped(self):
         step = self.model.__dict__.get("train_step") if self.model is not None else None
@@ -239,7 +251,7 @@ class LMS(keras.callbacks.Callback):
         """Check the plans whose functions have run since the last call; log one line each."""
         checked = {(c.function, c.trace) for c in self.checks}
         pending = [p for p in self.plans if (p.function, p.trace) not in checked]
-        for plan, check in zip(pending, verify_swaps(tfgraph.collect_graphs(), pending)):
+        for plan, check in zip(pending, verify_swaps(_tf.collect_graphs(), pending)):
             if check.found or final:
                 self.checks.append(check)
                 (log.info if check.ok or not check.found else log.warning)(check.summary(plan))
@@ -262,12 +274,14 @@ class LMS(keras.callbacks.Callback):
         }
 
 
-def _fit_batch_size():
-    """The batch size of the data that ``Model.fit`` (a caller of on_train_begin) iterates."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        adapter = getattr(frame.f_locals.get("epoch_iterator"), "data_adapter", None)
-        if adapter is not None:
-            return adapter.batch_size
-        frame = frame.f_back
-    return None
+def _settings(settings: SwapSettings | None, overrides: dict) -> SwapSettings:
+    """``settings`` (or the defaults) with ``overrides`` by name; unknown names are refused."""
+    known = SwapSettings.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise LMSParameterError(f"LMS got unknown argument(s) {', '.join(unknown)}; swap "
+                                f"settings are {', '.join(known)}.", key=unknown[0])
+    if settings is not None and not isinstance(settings, SwapSettings):
+        raise LMSParameterError(f"LMS settings must be a SwapSettings; got {settings!r}.",
+                                key="settings")
+    return dataclasses.replace(settings or SwapSettings(), **overrides)

@@ -10,22 +10,33 @@ import os
 
 import tensorflow as tf
 
-from lmstrain.lms import tfgraph
-from lmstrain.lms.settings import LMSParameterError
+from lmstrain.lms import _tf
+from lmstrain.lms.errors import LMSParameterError
 
 DEFAULT_HOST_LIMIT_MB = 64 * 1024  # TensorFlow's default TF_GPU_HOST_MEM_LIMIT_IN_MB
+HOST_LIMIT_ENV = "TF_GPU_HOST_MEM_LIMIT_IN_MB"
 
 log = logging.getLogger("lmstrain.lms")
 
 
-def split_cpu():
+def has_gpu() -> bool:
+    """True when TensorFlow sees a GPU (the one GPU check of lmstrain)."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def default_device_memory() -> int | None:
+    """The first GPU's memory limit in bytes as TensorFlow reports it; None without a GPU."""
+    return memory_limit("/GPU:0") if has_gpu() else None
+
+
+def split_cpu() -> bool:
     """Split the CPU into /CPU:0 (compute) and /CPU:1 (host) before TensorFlow initialises.
 
     Returns True when two logical CPUs are in effect afterwards (also when they already were).
     Changes nothing and returns False on a machine with a GPU (swaps go to the real host), or,
     with a warning, when TensorFlow's devices are already initialised with one CPU.
     """
-    if tf.config.list_physical_devices("GPU"):
+    if has_gpu():
         return False
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
@@ -43,7 +54,7 @@ def split_cpu():
     return True
 
 
-def check_spec(name, role):
+def check_spec(name: str | None, role: str) -> str | None:
     """Check that ``name`` parses as a device name; return it. Does not initialise TF."""
     if name is None:
         return None
@@ -54,11 +65,11 @@ def check_spec(name, role):
     if spec is None or spec.device_type is None:
         raise LMSParameterError(
             f"LMS {role} must be a device name such as '/CPU:0', '/GPU:0' or "
-            f"'/job:localhost/replica:0/task:0/device:CPU:1'; got {name!r}.")
+            f"'/job:localhost/replica:0/task:0/device:CPU:1'; got {name!r}.", key=role)
     return name
 
 
-def resolve(name, role):
+def resolve(name: str, role: str) -> str:
     """The fully qualified name of the logical device ``name``; ValueError if there is none."""
     spec = tf.DeviceSpec.from_string(check_spec(name, role))
     wanted = (spec.device_type.upper(), spec.device_index or 0)
@@ -69,7 +80,7 @@ def resolve(name, role):
             return device.name
     names = ", ".join(short(d.name) for d in available)
     raise LMSParameterError(f"LMS {role} {name!r} is not a device of this process; "
-                            f"available: {names}.")
+                            f"available: {names}.", key=role)
 
 
 def default_compute_device():
@@ -87,22 +98,36 @@ def default_host_device(compute_device):
     return cpus[0].name
 
 
-def is_gpu(name):
+def is_gpu(name: str) -> bool:
     """True if ``name`` names a GPU."""
     return (tf.DeviceSpec.from_string(name).device_type or "").upper() == "GPU"
 
 
-def memory_limit(name):
+def memory_limit(name: str) -> int | None:
     """Bytes TensorFlow may allocate on device ``name`` (a GPU), or None for a CPU."""
     if not is_gpu(name):
         return None
-    return tfgraph.device_memory_limit(short(name))
+    return _tf.device_memory_limit(short(name))
 
 
-def host_memory_limit():
+def host_memory_limit() -> int:
     """The cap of TensorFlow's pinned host allocator: ``TF_GPU_HOST_MEM_LIMIT_IN_MB``, 64 GiB by
     default."""
-    return int(os.environ.get("TF_GPU_HOST_MEM_LIMIT_IN_MB", DEFAULT_HOST_LIMIT_MB)) * 2**20
+    return int(os.environ.get(HOST_LIMIT_ENV, DEFAULT_HOST_LIMIT_MB)) * 2**20
+
+
+def physical_memory() -> int:
+    """This machine's RAM in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_memory_environment() -> dict[str, str]:
+    """The environment that lets TensorFlow's pinned host allocator (swapped tensors on a GPU
+    machine) use all of this machine's RAM instead of its 64 GiB default, unless the variable
+    is set already. Must be in effect before TensorFlow starts its GPU devices."""
+    if HOST_LIMIT_ENV in os.environ:
+        return {}
+    return {HOST_LIMIT_ENV: str(physical_memory() // 2**20)}
 
 
 def runs_on(op, device):
@@ -110,14 +135,14 @@ def runs_on(op, device):
     return not op.device or same(op.device, device)
 
 
-def same(a, b):
+def same(a: str, b: str) -> bool:
     """True if device names ``a`` and ``b`` (short or fully qualified) name one device."""
     a, b = tf.DeviceSpec.from_string(a), tf.DeviceSpec.from_string(b)
     return ((a.device_type or "").upper(), a.device_index or 0) == (
         (b.device_type or "").upper(), b.device_index or 0)
 
 
-def short(name):
+def short(name: str) -> str:
     """'/job:localhost/replica:0/task:0/device:CPU:1' -> '/CPU:1'."""
     spec = tf.DeviceSpec.from_string(name)
     return f"/{spec.device_type}:{spec.device_index or 0}"

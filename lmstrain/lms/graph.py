@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import tensorflow as tf
 
-from lmstrain.lms import tfgraph
+from lmstrain.lms import _tf
 
 BACKWARD_SCOPE = "gradient_tape/"
 SWAP_SCOPE = "/lms/"  # in the names of swap nodes (see rewrite.swap_scope)
@@ -33,19 +33,22 @@ class StepGraph:
     level: dict
     useful: set
     batch_size: int
+    batch_owned: bool = True
     _ancestors: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def analyse(cls, graph, outputs=(), batch_size=1):
+    def analyse(cls, graph: tf.Graph, outputs=(), batch_size: int = 1,
+                batch_owned: bool = True) -> "StepGraph":
         """Analyse every op of ``graph``; unknown batch dimensions count as ``batch_size``.
 
         ``outputs`` are the tensors the step returns; together with the stateful ops (variable
         updates) they decide which ops are useful rather than dead code Grappler will prune.
+        ``batch_owned``: whether the step alone holds its batch (see :func:`owns_batch`).
         """
-        ops = sorted(graph.get_operations(), key=tfgraph.creation_index)
+        ops = sorted(graph.get_operations(), key=_tf.creation_index)
         roots = [op for op in ops if op.op_def.is_stateful] + [t.op for t in outputs]
         return cls(graph, ops, split_phases(ops), topological_levels(ops), ancestors(roots),
-                   batch_size)
+                   batch_size, batch_owned)
 
     @property
     def has_backward(self):
@@ -61,10 +64,10 @@ class StepGraph:
 
     @functools.cached_property
     def input_ops(self):
-        """The placeholders of the step's data arguments (see :func:`step_inputs`); assign an
-        empty set when something outside the step holds the batch (then swapping it frees
-        nothing)."""
-        return frozenset(step_inputs(self.graph))
+        """The placeholders of the step's data arguments (see :func:`step_inputs`); empty when
+        something outside the step holds the batch (``batch_owned`` False: swapping it would
+        free nothing)."""
+        return frozenset(step_inputs(self.graph) if self.batch_owned else ())
 
     @functools.cached_property
     def folded(self):
@@ -107,6 +110,16 @@ class StepGraph:
         return seen
 
 
+def owns_batch(on_gpu: bool, steps_per_execution: int) -> bool:
+    """Whether a traced step alone holds its batch, so that swapping the batch frees it.
+
+    Keras's ``steps_per_execution`` loop fetches the next batch as an Optional that holds it
+    for the whole step. On a GPU that is the host's copy, and the device's copy is still freed
+    after its swap-out; between logical CPUs both are one buffer.
+    """
+    return on_gpu or steps_per_execution <= 1
+
+
 def step_inputs(graph):
     """Placeholders of the traced function's own arguments (the batch), in argument order.
 
@@ -138,14 +151,14 @@ def predecessors(op):
 
 def split_phases(ops):
     """Map each op to ``forward``, ``backward`` or ``update`` by creation order."""
-    backward = [tfgraph.creation_index(op) for op in ops
+    backward = [_tf.creation_index(op) for op in ops
                 if op.name.startswith(BACKWARD_SCOPE) and SWAP_SCOPE not in op.name]
     if not backward:
         return {op: FORWARD for op in ops}
     first, last = min(backward), max(backward)
     phase = {}
     for op in ops:
-        index = tfgraph.creation_index(op)
+        index = _tf.creation_index(op)
         phase[op] = FORWARD if index < first else BACKWARD if index <= last else UPDATE
     return phase
 

@@ -26,16 +26,22 @@ Five additions to TFLMS's rules cut the peak of U-Nets:
   swapped-in activation) wait for the consumer. Without this, TensorFlow's CPU executor runs the
   filter gradients last, holding every swapped-in activation until the end of the step.
 
+Swaps keep Grappler's arithmetic rewrites possible, so that training rounds as it does without
+swapping: ops in a group of adds (or of one associative op) that Grappler merges get no control
+edge (trigger, gate or ``frees_before``), and an op that Grappler merges with its only consumer
+is not swapped (see :func:`_arithmetic_groups`).
+
 Plans hold op names only, so they serialise to JSON and outlive the traced graph.
 """
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from lmstrain.lms import devices
+from lmstrain.lms.errors import SwapCycleError
 from lmstrain.lms.graph import (BACKWARD, FORWARD, SHAPE_ONLY_TYPES, UPDATE, ancestors,
                                 predecessors)
-from lmstrain.lms.rewrite import find_cycle
 from lmstrain.lms.settings import SYNC_SWAPIN, SYNC_SWAPOUT
 
 # A tensor is long-lived when a consumer runs this share of the step's levels later.
@@ -60,6 +66,22 @@ NEVER_TRIGGER_TYPES = frozenset({
     "ExpandDims", "BroadcastGradientArgs",
 }) | SHAPE_ONLY_TYPES
 
+# Producer -> consumer pairs that Grappler's arithmetic optimizer rewrites into ops that round
+# differently, as long as the consumer reads the producer directly and is its only data consumer
+# (arithmetic_optimizer.cc): trees of adds become one AddN (AddOpsRewriteStage), chains of one
+# associative op are reordered (MinimizeBroadcasts), Div(x, Sqrt(y)) becomes Mul(x, Rsqrt(y)),
+# Square(Sub(x, y)) SquaredDifference(x, y) and Log(Softmax(x)) LogSoftmax(x). The first four
+# (the groups of adds and of associative ops) are also dropped when a member has a control
+# input or output. See :func:`_arithmetic_groups`.
+ADD_TYPES = frozenset({"Add", "AddV2", "AddN"})
+MERGED_PAIRS = (
+    (ADD_TYPES, ADD_TYPES), ({"Add"}, {"Add"}), ({"AddV2"}, {"AddV2"}), ({"Mul"}, {"Mul"}),
+    ({"Sqrt"}, {"Div", "RealDiv", "Xdivy"}), ({"Sub"}, {"Square"}), ({"Softmax"}, {"Log"}),
+)
+CONTROL_SENSITIVE_PAIRS = MERGED_PAIRS[:4]
+# Grappler's model pruner removes these between two ops before the arithmetic optimizer runs.
+PRUNED_TYPES = frozenset({"Identity", "StopGradient"})
+
 
 @dataclass
 class SwapIn:
@@ -68,10 +90,10 @@ class SwapIn:
     ``frees_before`` holds ``[consumer, op]`` pairs: ``op`` waits for ``consumer``.
     """
 
-    consumers: list
-    trigger: list
+    consumers: list[str]
+    trigger: list[str]
     name: str = ""
-    frees_before: list = field(default_factory=list)
+    frees_before: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -79,12 +101,12 @@ class SwappedTensor:
     tensor: str
     producer: str
     producer_type: str
-    shape: list
+    shape: list[int | None]
     dtype: str
     bytes: int
-    swap_ins: list
-    kept_consumers: list = field(default_factory=list)
-    wait_for_swap_out: list = field(default_factory=list)
+    swap_ins: list[SwapIn]
+    kept_consumers: list[str] = field(default_factory=list)
+    wait_for_swap_out: list[str] = field(default_factory=list)
     swap_out: str = ""
 
 
@@ -92,7 +114,7 @@ class SwappedTensor:
 class SkippedTensor:
     tensor: str
     producer: str
-    bytes: object
+    bytes: int | None
     reason: str
 
 
@@ -110,9 +132,9 @@ class SwapPlan:
     settings: dict
     n_ops: int
     n_levels: int
-    swapped: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
+    swapped: list[SwappedTensor] = field(default_factory=list)
+    skipped: list[SkippedTensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def swapped_bytes(self):
@@ -161,7 +183,8 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
     forward = [op for op in step.ops if step.phase[op] == FORWARD]
     plan.notes.extend(_unmatched_filters(settings, forward))
     long_lived = max(settings.swapout_threshold, math.ceil(step.n_levels * LONG_LIVED_SHARE))
-    end = _end_of_backward(step, compute_device)
+    members, absorbed = _arithmetic_groups(step)
+    end = _end_of_backward(step, compute_device, members)
     for op in step.ops:
         phase = step.phase[op]
         if phase not in (FORWARD, BACKWARD) or (phase == BACKWARD and op not in step.useful):
@@ -178,12 +201,15 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
                 continue
             size = step.tensor_bytes(tensor)
             reason = _skip_reason(op, size, settings, compute_device, step)
+            if reason is None and op in absorbed:
+                reason = (f"{op.type} output that Grappler's arithmetic optimizer merges with "
+                          f"its only consumer; a swap would stop that and change the rounding")
             if reason is None:
                 reason = _plan_tensor(plan, step, tensor, size, settings, compute_device,
-                                      threshold, backward, ahead, update, end)
+                                      threshold, backward, ahead, update, end, members)
             if reason is not None:
                 plan.skipped.append(SkippedTensor(tensor.name, op.name, size, reason))
-    _free_before_siblings(step, plan, settings, compute_device)
+    _free_before_siblings(step, plan, settings, compute_device, members)
     return plan
 
 
@@ -199,16 +225,60 @@ def _consumers_by_phase(step, tensor):
                  for phase in (FORWARD, BACKWARD, UPDATE))
 
 
-def _end_of_backward(step, compute_device):
+def _end_of_backward(step, compute_device, members=frozenset()):
     """The backward op with the highest level that can trigger a swap-in, or None."""
     candidates = [op for op in step.ops if step.phase[op] == BACKWARD and op in step.useful
-                  and op.type not in NEVER_TRIGGER_TYPES and devices.runs_on(op, compute_device)]
+                  and op.type not in NEVER_TRIGGER_TYPES and op not in members
+                  and devices.runs_on(op, compute_device)]
     return max(candidates, key=lambda op: (step.level[op], op.name), default=None)
 
 
 def _consumers(tensor):
     """Distinct consumers of ``tensor`` in a stable order."""
     return list(dict.fromkeys(tensor.consumers()))
+
+
+def _arithmetic_groups(step):
+    """``(members, absorbed)``: ops whose rewrite by Grappler's arithmetic optimizer a swap
+    could stop, which would change how the step rounds.
+
+    ``absorbed`` are producers whose only data consumer forms one of ``MERGED_PAIRS`` with
+    them: a swap would make that consumer read the swap-in, or give the producer a second
+    consumer, so they are not swapped. ``members`` are both ops of each
+    ``CONTROL_SENSITIVE_PAIRS`` pair: the optimizer skips a group of adds (or of one
+    associative op) if any member has a control input or output (``CanOptimize``,
+    ``IsAbsorbableByOptimizedNodesGroup``), so they get no trigger, ``frees_before`` or gate
+    edge. Consumers are counted as Grappler counts them after pruning (dead ops, shape reads
+    and ``PRUNED_TYPES`` aside); erring towards more members only narrows the choice of
+    triggers.
+    """
+    absorbed, members = set(), set()
+    for op in step.ops:
+        if op not in step.useful or not any(op.type in a for a, _ in MERGED_PAIRS):
+            continue
+        consumers = _data_consumers(step, op)
+        if len(consumers) != 1:
+            continue
+        consumer = consumers[0]
+        if any(op.type in a and consumer.type in b for a, b in MERGED_PAIRS):
+            absorbed.add(op)
+        if any(op.type in a and consumer.type in b for a, b in CONTROL_SENSITIVE_PAIRS):
+            members.update((op, consumer))
+    return members, absorbed
+
+
+def _data_consumers(step, op):
+    """Data consumers of ``op``'s outputs, one per input edge, seen through ``PRUNED_TYPES``."""
+    found, queue = [], [c for t in op.outputs for c in t.consumers()]
+    while queue:
+        consumer = queue.pop()
+        if consumer not in step.useful or consumer.type in SHAPE_ONLY_TYPES:
+            continue
+        if consumer.type in PRUNED_TYPES and not consumer.control_inputs:
+            queue.extend(c for t in consumer.outputs for c in t.consumers())
+        else:
+            found.append(consumer)
+    return found
 
 
 def _skip_reason(op, size, settings, compute_device, step):
@@ -237,7 +307,7 @@ def _skip_reason(op, size, settings, compute_device, step):
 
 
 def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, backward,
-                 ahead=(), update=(), end=None):
+                 ahead=(), update=(), end=None, members=frozenset()):
     """Add ``tensor`` to ``plan``; return the reason if it cannot be swapped.
 
     ``backward`` consumers more than ``threshold`` levels away read swap-ins. So do ``ahead``,
@@ -254,7 +324,7 @@ def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, 
     swap_ins, kept = [], [c.name for c in near]
     for group in (_group_by_level(step, ahead, settings.swapin_groupby) if ahead else []) + \
             (_group_by_level(step, far, settings.swapin_groupby) if far else []):
-        trigger = _trigger(step, producer, group[0], settings, compute_device)
+        trigger = _trigger(step, producer, group[0], settings, compute_device, members)
         if trigger:
             swap_ins.append(SwapIn([c.name for c in group], [t.name for t in trigger]))
         else:
@@ -306,13 +376,13 @@ def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8):
     return gates
 
 
-def _free_before_siblings(step, plan, settings, compute_device):
+def _free_before_siblings(step, plan, settings, compute_device, members=frozenset()):
     """Make the siblings of each swap-in's consumers wait for them (see the module docstring).
 
     A sibling reads one of the consumer's other inputs (at least ``min_tensor_bytes``, not a
     weight or constant), runs on the compute device in the backward pass, and is not an
     ancestor of the consumer. Pairs that would close a cycle with the plan's other edges are
-    dropped.
+    dropped, and so are pairs with an op of an arithmetic group (see :func:`_arithmetic_groups`).
     """
     graph = step.graph
     consumers = {c for s in plan.swapped for i in s.swap_ins for c in i.consumers}
@@ -320,6 +390,8 @@ def _free_before_siblings(step, plan, settings, compute_device):
         for swap_in in swapped.swap_ins:
             for name in swap_in.consumers:
                 consumer = graph.get_operation_by_name(name)
+                if consumer in members:
+                    continue
                 upstream = step.backward_ancestors(consumer)
                 for t in consumer.inputs:
                     if (t.name == swapped.tensor or t.op.type in NEVER_SWAPPED_TYPES
@@ -327,6 +399,7 @@ def _free_before_siblings(step, plan, settings, compute_device):
                         continue
                     for sibling in _consumers(t):
                         if (sibling is not consumer and sibling.name not in consumers
+                                and sibling not in members
                                 and step.phase.get(sibling) == BACKWARD
                                 and sibling in step.useful and sibling not in upstream
                                 and sibling.type not in SHAPE_ONLY_TYPES
@@ -376,18 +449,19 @@ def _group_by_level(step, consumers, groupby):
     return groups
 
 
-def _trigger(step, producer, consumer, settings, compute_device):
+def _trigger(step, producer, consumer, settings, compute_device, members=frozenset()):
     """Ops the swap-in for ``consumer`` waits for, or [] if none qualifies.
 
     Candidates are ops of the consumer's phase that ``consumer`` depends on and that run
-    after ``producer`` (higher level), so the new edges keep the graph acyclic, and that do
-    real work (Grappler may fold a Reshape away and move its control edges). In
+    after ``producer`` (higher level), so the new edges keep the graph acyclic, that do
+    real work (Grappler may fold a Reshape away and move its control edges), and that are
+    in no group the arithmetic optimizer rewrites (a control output would stop it). In
     ``swapin``/``both`` sync mode they are the consumer's own inputs (swap in at the last
     moment); otherwise the one nearest to ``swapin_ahead`` levels before the consumer.
     """
     floor = step.level[producer]
     candidates = [op for op in step.phase_ancestors(consumer, step.phase[consumer])
-                  if step.level[op] > floor and op in step.useful
+                  if step.level[op] > floor and op in step.useful and op not in members
                   and op.type not in NEVER_TRIGGER_TYPES and devices.runs_on(op, compute_device)]
     if settings.sync_mode in SYNC_SWAPIN:
         inputs = set(candidates) & set(predecessors(consumer))
@@ -418,3 +492,70 @@ def _unmatched_filters(settings, forward):
     if scopes:
         notes.append(f"include_scopes {scopes} match no forward op of this step")
     return notes
+
+
+def check_acyclic(step, plan):
+    """Raise :class:`SwapCycleError` if the graph with the plan's edges would have a cycle."""
+    cycle = find_cycle(step, plan)
+    if cycle:
+        raise SwapCycleError(
+            f"LMS refused to rewrite {plan.function} (trace {plan.trace}): the swap plan would "
+            f"create a cycle: {' -> '.join(cycle)}. Change swapin_ahead, swapin_groupby or "
+            f"sync_mode, or exclude these ops with exclude_scopes.")
+
+
+def find_cycle(step, plan):
+    """A cycle (names, first repeated last) the plan's edges would create, or None."""
+    successors = {op.name: set() for op in step.ops}
+    for op in step.ops:
+        for pred in predecessors(op):
+            successors.setdefault(pred.name, set()).add(op.name)
+
+    def edge(a, b):
+        successors.setdefault(a, set()).add(b)
+        successors.setdefault(b, set())
+
+    for s in plan.swapped:
+        out = f"<swap-out of {s.tensor}>"
+        edge(s.producer, out)
+        for name in s.wait_for_swap_out:
+            edge(out, name)
+        for index, swap_in in enumerate(s.swap_ins):
+            back = f"<swap-in {index} of {s.tensor}>"
+            edge(out, back)
+            for name in swap_in.trigger:
+                edge(name, back)
+            for name in swap_in.consumers:
+                edge(back, name)
+            for first, then in swap_in.frees_before:
+                edge(first, then)
+    return _find_cycle(successors)
+
+
+def _find_cycle(successors):
+    """One cycle as a list of names (first name repeated at the end), or None."""
+    indegree = {n: 0 for n in successors}
+    for targets in successors.values():
+        for t in targets:
+            indegree[t] += 1
+    queue = deque(n for n, d in indegree.items() if d == 0)
+    while queue:
+        for t in successors[queue.popleft()]:
+            indegree[t] -= 1
+            if indegree[t] == 0:
+                queue.append(t)
+    stuck = {n for n, d in indegree.items() if d > 0}
+    if not stuck:
+        return None
+    # Every stuck node has a stuck predecessor; walk backwards until a node repeats.
+    preds = {n: [] for n in stuck}
+    for n in stuck:
+        for t in successors[n]:
+            if t in stuck:
+                preds[t].append(n)
+    path, seen = [min(stuck)], {}
+    while path[-1] not in seen:
+        seen[path[-1]] = len(path) - 1
+        path.append(min(preds[path[-1]]))
+    loop = path[seen[path[-1]]:]
+    return list(reversed(loop))

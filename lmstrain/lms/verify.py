@@ -9,7 +9,7 @@ inlining (``StatefulPartitionedCall/.../lms/...``), so names are matched by suff
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from lmstrain.lms import tfgraph
+from lmstrain.lms import _tf
 from lmstrain.lms.devices import same
 
 
@@ -60,12 +60,12 @@ def record_graphs():
         checks = verify_swaps(recorded.run_metadata, lms.plans)
     """
     recorded = RecordedGraphs()
-    tfgraph.start_graph_collection()
+    _tf.start_graph_collection()
     try:
         yield recorded
     finally:
-        recorded.run_metadata = tfgraph.collect_graphs()
-        tfgraph.stop_graph_collection()
+        recorded.run_metadata = _tf.collect_graphs()
+        _tf.stop_graph_collection()
 
 
 def verify_swaps(run_metadata, plans):

@@ -2,7 +2,7 @@
 
 A sample whose truth and prediction are both empty for a region scores 1, as in BraTS.
 These are Keras metrics for the training logs; scoring on the original grid lives in
-:mod:`lmstrain.evaluation`.
+:mod:`lmstrain.evaluation.metrics`.
 """
 
 import keras

@@ -7,30 +7,28 @@ and with (auto-tuned) swapping, what stops growth, and the first size where a te
 2^31-1 elements. :func:`format_capacity` turns it into the text ``lmstrain plan`` prints.
 """
 
-import tensorflow as tf
-
-from lmstrain.lms import devices
-from lmstrain.lms.estimate import ELEMENT_LIMIT
-from lmstrain.lms.simulate import default_executor, simulate_step
-from lmstrain.lms.sizing import (candidate_shapes, default_host_memory, max_size,
-                                 scaled_shape, voxels)
+from lmstrain.config import Config
+from lmstrain.lms.sim.estimate import ELEMENT_LIMIT
 from lmstrain.model.unet3d import divisor
-from lmstrain.units import format_bytes
+from lmstrain.planning.simulate import default_budget, default_executor, simulate_step
+from lmstrain.planning.sizing import (candidate_shapes, default_host_memory, max_size,
+                                      scaled_shape, voxels)
 
 
-def capacity(config, size=None, batch=None, device_memory=None, host_memory=None,
-             executor=None):
+def capacity(config: Config, size: int | None = None, batch: int | None = None,
+             device_memory: int | None = None, host_memory: int | None = None,
+             executor: str | None = None) -> dict:
     """The ``lmstrain plan`` report as a JSON-serialisable dict (see the module docstring).
 
     ``size`` scales ``config.data.shape`` so its largest edge is ``size``; ``batch`` defaults
     to ``train.batch_size``; ``device_memory`` to ``lms.device_memory`` (or the GPU's);
-    ``host_memory`` to :func:`~lmstrain.lms.sizing.default_host_memory` (None: not a limit,
+    ``host_memory`` to :func:`~lmstrain.planning.sizing.default_host_memory` (None: not a limit,
     only reported).
     """
     div = divisor(config.model.depth)
     shape = scaled_shape(config.data.shape, size, div) if size else tuple(config.data.shape)
     batch = batch or config.train.batch_size
-    budget = device_memory or config.lms.device_memory or _gpu_memory()
+    budget = default_budget(config, device_memory)
     executor = executor or default_executor()
     host = host_memory or default_host_memory(executor)
     without = simulate_step(config, shape, batch, executor=executor, device_memory=budget)
@@ -88,65 +86,3 @@ def _element_limit_size(config, estimate, shape):
         if voxels(candidate) * per_voxel > ELEMENT_LIMIT:
             return max(candidate)
     return None
-
-
-def _gpu_memory():
-    """The first GPU's memory limit, or None without a GPU."""
-    return devices.memory_limit("/GPU:0") if tf.config.list_physical_devices("GPU") else None
-
-
-def format_capacity(report, config_name=""):
-    """The report as lines of text."""
-    r = report
-    shape = "x".join(map(str, r["shape"]))
-    budget = format_bytes(r["device_memory_bytes"]) if r["device_memory_bytes"] else "unknown"
-    host = (format_bytes(r["host_memory_bytes"]) if r["host_memory_bytes"]
-            else "not limited (pass --host-memory)")
-    lines = [f"{config_name}: input {shape}, batch {r['batch']}; device memory {budget}, host "
-             f"memory {host}; {r['executor'].upper()} executor order emulated",
-             "",
-             f"At {shape}, batch {r['batch']}:{'without swapping':>30}{'with swapping':>18}"]
-    parts = dict.fromkeys(list(r["breakdown_without_swap"]) + list(r["breakdown_with_swap"]))
-    for part in parts:
-        lines.append(f"  {part:<40}{_b(r['breakdown_without_swap'].get(part, 0)):>18}"
-                     f"{_b(r['breakdown_with_swap'].get(part, 0)):>18}")
-    lines += [
-        f"  {'op-output peak':<40}{_b(r['op_output_peak_bytes_without_swap']):>18}"
-        f"{_b(r['op_output_peak_bytes_with_swap']):>18}",
-        f"  {'allocator peak (predicted)':<40}{_b(r['peak_bytes_without_swap']):>18}"
-        f"{_b(r['peak_bytes_with_swap']):>18}",
-        f"  peak op without swapping: {r['peak_op_without_swap']}",
-        f"  peak op with swapping:    {r['peak_op_with_swap']}",
-        f"  swapped per step: {_b(r['swapped_bytes_per_step'])}, held in host memory at most "
-        f"{_b(r['host_bytes_with_swap'])}",
-        f"  physical bound (weights, optimizer state, gradients, batch and the largest single "
-        f"op): {_b(r['bound_bytes'])}, set by {r['bound_op']}",
-        f"  largest tensor: {r['largest_tensor']} ({r['largest_tensor_elements']:,} elements); "
-        f"tensors exceed 2^31-1 elements from size "
-        f"{r['element_limit_size'] or 'beyond the search range'}",
-        ""]
-    if not r["device_memory_bytes"]:
-        lines.append("Largest sizes: pass --device-memory (or set lms.device_memory) to search.")
-        return lines
-    lines.append(f"Largest size in {budget}:")
-    for suffix, label in (("without", "without swapping"), ("with", "with swapping")):
-        size = r[f"max_size_{suffix}_swap"]
-        limit = r["limited_by_without_swap" if suffix == "without" else "limited_by"]
-        if size is None:
-            lines.append(f"  {label + ':':<19} nothing fits ({limit})")
-            continue
-        lines.append(f"  {label + ':':<19} {'x'.join(map(str, r[f'max_shape_{suffix}_swap']))} "
-                     f"({r[f'max_voxels_{suffix}_swap']:,} voxels); the next size is stopped by "
-                     f"{limit}")
-    if r["max_size_swap_settings"]:
-        s = r["max_size_swap_settings"]
-        lines.append(f"  auto-tuned at that size: swapout_threshold={s['swapout_threshold']}, "
-                     f"swapin_ahead={s['swapin_ahead']}, swapin_groupby={s['swapin_groupby']}; "
-                     f"host memory needed {_b(r['max_size_host_bytes'])}")
-    if r["voxel_ratio"]:
-        lines.append(f"  voxel ratio (with / without swapping): {r['voxel_ratio']:.2f}x")
-    return lines
-
-
-def _b(n):
-    return format_bytes(n) if n is not None else "-"

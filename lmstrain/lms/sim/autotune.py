@@ -5,7 +5,7 @@ largest ``swapout_threshold`` (fewest tensors swapped) whose predicted peak fits
 largest ``swapin_ahead`` that still fits (the earliest safe prefetch); then the largest
 ``swapin_groupby`` (fewest swap-ins). Each candidate is planned by the same
 :func:`~lmstrain.lms.plan.make_plan` the callback uses and simulated on the traced step
-(:func:`~lmstrain.lms.simrewrite.with_plan`). When the step fits without swapping, nothing is
+(:func:`~lmstrain.lms.sim.simrewrite.with_plan`). When the step fits without swapping, nothing is
 swapped. When even the physical bound (weights, optimizer state, gradients and the largest
 single op) does not fit, no plan can help: :class:`~lmstrain.lms.settings.LMSParameterError`
 names the op.
@@ -14,24 +14,27 @@ names the op.
 import dataclasses
 from dataclasses import dataclass, field
 
-from lmstrain.lms.estimate import estimate
-from lmstrain.lms.plan import make_plan
-from lmstrain.lms.settings import LMSParameterError
-from lmstrain.lms.simrewrite import with_plan
-from lmstrain.units import format_bytes
+from lmstrain.lms.errors import BoundExceededError
+from lmstrain.lms.graph import StepGraph
+from lmstrain.lms.pipeline import SwapTarget, plan_swaps
+from lmstrain.lms.settings import SwapSettings
+from lmstrain.lms.sim.dataflow import Dataflow
+from lmstrain.lms.sim.estimate import MemoryEstimate, estimate
+from lmstrain.lms.sim.simrewrite import with_plan
+from lmstrain.lms.units import format_bytes
 
 
 @dataclass
 class Choice:
     """The chosen settings, their predicted peak, and every candidate tried."""
 
-    settings: object  # SwapSettings
+    settings: SwapSettings
     peak_bytes: int
     budget_bytes: int
     swapped_bytes: int
     swapped_tensors: int
-    tried: list = field(default_factory=list)  # (settings dict, predicted peak bytes)
-    estimate: object = None  # MemoryEstimate of the chosen plan
+    tried: list[tuple[dict, int]] = field(default_factory=list)  # (settings, predicted peak)
+    estimate: MemoryEstimate | None = None  # of the chosen plan
 
     def summary(self):
         """One line for the log."""
@@ -46,16 +49,16 @@ class Choice:
                 f"({len(self.tried)} candidates simulated)")
 
 
-def tune(step, flow, base, budget, compute_device, host_device, *, executor="cpu",
-         weight_bytes=0, copy_mode="snapshot"):
-    """Choose settings for ``step`` (its :class:`StepGraph`) and ``flow`` (its unrewritten
-    :class:`Dataflow`), starting from ``base`` (filters, sync mode and minimum size are kept).
+def tune(step: StepGraph, flow: Dataflow, base: SwapSettings, budget: int, target: SwapTarget,
+         *, executor: str = "cpu", weight_bytes: int = 0) -> Choice:
+    """Choose settings for ``step`` and ``flow`` (its unrewritten :class:`Dataflow`), starting
+    from ``base`` (filters, sync mode and minimum size are kept).
     """
     tried = []
 
     def evaluate(settings):
-        plan = make_plan(step, settings, compute_device, host_device, copy_mode,
-                         function=flow.function, trace=0, batch_size_source="auto-tune")
+        plan = plan_swaps(step, settings, target, function=flow.function, trace=0,
+                          batch_size_source="auto-tune")
         result = estimate(with_plan(flow, plan, executor == "cpu"), executor, budget,
                           weight_bytes, plan)
         tried.append((settings.to_dict(), result.peak_bytes))
@@ -111,16 +114,18 @@ def _choice(settings, result, budget, tried):
 
 def _refuse(unswapped, best, budget):
     """Raise: no plan fits ``budget``; name the op that sets the bound when it is the cause."""
+    bound = {"bound_op": unswapped.bound_op, "bound_bytes": unswapped.bound_bytes,
+             "budget_bytes": budget, "best_bytes": best}
     if unswapped.bound_bytes > budget:
-        raise LMSParameterError(
+        raise BoundExceededError(
             f"LMS auto-tune: op {unswapped.bound_op} needs "
             f"{format_bytes(unswapped.bound_bytes)} on its own (its inputs and outputs, plus "
             f"weights, optimizer state and gradients), more than the device memory budget of "
             f"{format_bytes(budget)}; no swap plan can fit. Use a smaller input size or batch, "
-            f"or a device with more memory.")
-    raise LMSParameterError(
+            f"or a device with more memory.", **bound)
+    raise BoundExceededError(
         f"LMS auto-tune: even swapping every eligible tensor (swapout_threshold=0) needs "
         f"{format_bytes(best)}, more than the device memory budget of {format_bytes(budget)} "
         f"(the physical bound is {format_bytes(unswapped.bound_bytes)}, set by op "
         f"{unswapped.bound_op}). Lower min_tensor_bytes, remove include/exclude filters, or "
-        f"use a smaller input size or batch.")
+        f"use a smaller input size or batch.", **bound)

@@ -12,7 +12,9 @@ import sys
 
 import click
 
+from lmstrain.cli.params import BYTE_SIZES, POSITIVE_INTS, ByteSize, SizeRange
 from lmstrain.errors import LmstrainError
+from lmstrain.lms.errors import LMSError
 
 # Keep TensorFlow's C++ start-up chatter out of the user's terminal unless asked for.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,6 +29,9 @@ class LmstrainGroup(click.Group):
         except LmstrainError as err:
             click.secho(f"Error: {err}", err=True, fg="red")
             ctx.exit(err.exit_code)
+        except LMSError as err:  # the swap engine's errors: a setting to change
+            click.secho(f"Error: {err}", err=True, fg="red")
+            ctx.exit(2)
 
 
 def config_options(command):
@@ -136,12 +141,10 @@ def fit(config, resume_dir, overrides):
       lmstrain fit configs/brats2021_isensee.yaml --set data.root=/data/BraTS2021
       lmstrain fit configs/demo.yaml --resume runs/demo-20261126-101500 --set train.epochs=40
     """
-    from lmstrain import train
+    from lmstrain.training.fit import fit as fit_run
+    from lmstrain.training.fit import resume
 
-    if resume_dir:
-        result = train.resume(resume_dir, overrides)
-    else:
-        result = train.fit(config)
+    result = resume(resume_dir, overrides) if resume_dir else fit_run(config)
     _print_result(result)
 
 
@@ -177,7 +180,7 @@ def evaluate(run_dir, data_dir):
       lmstrain evaluate runs/demo-20261126-150945
       lmstrain evaluate runs/demo-20261126-150945 --data /data/BraTS2021_holdout
     """
-    from lmstrain.scoring import evaluate_run, format_summary
+    from lmstrain.evaluation.scoring import evaluate_run, format_summary
 
     _rows, summary, out_dir = evaluate_run(run_dir, data_dir)
     click.echo(format_summary(summary))
@@ -200,42 +203,24 @@ def predict(run_dir, input_dir, output_dir, overwrite):
     Example:
       lmstrain predict runs/demo-20261126-150945 /data/new_cases predictions/
     """
-    from lmstrain.inference import predict_folder
+    from lmstrain.evaluation.inference import predict_folder
 
     written = predict_folder(run_dir, input_dir, output_dir, overwrite)
     click.echo(f"Wrote {len(written)} segmentations to {output_dir}")
 
 
-class ByteSize(click.ParamType):
-    """A size such as 16GiB, 512MiB, 40GB or a number of bytes."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        from lmstrain.errors import UserError
-        from lmstrain.units import parse_bytes
-
-        try:
-            size = parse_bytes(value)
-        except UserError as error:
-            self.fail(str(error), param, ctx)
-        if size <= 0:
-            self.fail(f"expected a positive size such as 16GiB, got {value!r}", param, ctx)
-        return size
-
-
 @main.command()
 @config_options
-@click.option("--sizes", metavar="FROM:TO:STEP",
+@click.option("--sizes", type=SizeRange(),
               help="Largest edges to try, inclusive (shape keeps the configured aspect, each "
                    "axis rounded down to the network's divisor). Default: half to four times "
                    "the configured size in steps of the divisor.")
-@click.option("--batch-sizes", default=None, metavar="B1,B2,...",
+@click.option("--batch-sizes", type=POSITIVE_INTS, metavar="B1,B2,...",
               help="Batch sizes (default: train.batch_size). With --fixed-size, the batch "
                    "sizes to try.")
 @click.option("--lms", "lms_setting", type=click.Choice(["off", "on", "both"]), default="both",
               show_default=True, help="Sweep without swapping, with it, or both.")
-@click.option("--device-memory", metavar="SIZE[,SIZE...]",
+@click.option("--device-memory", type=BYTE_SIZES, metavar="SIZE[,SIZE...]",
               help="Memory budget(s), e.g. 16GiB or 256MiB,512MiB (MiB, GiB, MB, GB). "
                    "Default: lms.device_memory.")
 @click.option("--mode", type=click.Choice(["measure", "simulate"]), default="measure",
@@ -283,14 +268,15 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
     """
     from tqdm import tqdm
 
-    from lmstrain.sweep import Sweep, SweepOptions, default_out_dir, format_table
+    from lmstrain.cli.tables import maxres_table
+    from lmstrain.planning.sweep import Sweep, SweepOptions, default_out_dir
 
     if resume and not out_dir:
         raise click.UsageError("--resume needs --out DIR: the sweep folder to continue")
-    options = SweepOptions.parse(config, sizes=sizes, batch_sizes=batch_sizes,
-                                 lms=lms_setting, device_memory=device_memory, mode=mode,
-                                 fixed_size=fixed_size, timeout_s=timeout,
-                                 host_memory=host_memory, executor=executor)
+    options = SweepOptions.from_config(config, sizes=sizes, batch_sizes=batch_sizes,
+                                       lms=lms_setting, budgets=device_memory, mode=mode,
+                                       fixed_size=fixed_size, timeout_s=timeout,
+                                       host_memory=host_memory, executor=executor)
     sweep = Sweep(config, options, out_dir or default_out_dir(config), resume)
     with tqdm(desc="Trials", unit="trial", disable=True if as_json else None) as bar:
 
@@ -303,7 +289,7 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
-        click.echo(format_table(results["summary"]))
+        click.echo(maxres_table(results["summary"]))
         click.echo(f"Results: {sweep.out_dir}")
 
 
@@ -338,14 +324,15 @@ def plan(config, size, batch, device_memory, host_memory, executor, as_json):
       lmstrain plan configs/brats2021_isensee.yaml --device-memory 16GiB
       lmstrain plan configs/demo.yaml --size 96 --batch 1 --device-memory 1GiB --json
     """
-    from lmstrain.lms.capacity import capacity, format_capacity
+    from lmstrain.cli.tables import plan_lines
+    from lmstrain.planning.capacity import capacity
 
     report = capacity(config, size, batch, device_memory, host_memory, executor)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     name = click.get_current_context().params.get("config_path", "")
-    for line in format_capacity(report, name):
+    for line in plan_lines(report, name):
         click.echo(line)
 
 
@@ -400,7 +387,3 @@ def config_show(config):
       lmstrain config show configs/demo.yaml --set train.epochs=3
     """
     click.echo(config.to_yaml(), nl=False)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,9 +8,9 @@ import keras
 from tqdm import tqdm
 
 from lmstrain.report import plot_history
-from lmstrain.rundir import HISTORY_COLUMNS
+from lmstrain.training.rundir import HISTORY_COLUMNS
 
-log = logging.getLogger("lmstrain.train")
+log = logging.getLogger("lmstrain.training.fit")
 
 MONITOR = "val_dice_mean"
 

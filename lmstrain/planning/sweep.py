@@ -2,31 +2,29 @@
 
 For each device-memory budget, batch size and swap setting the search walks a list of
 candidate shapes, starting where the simulator predicts the limit, and runs real training
-trials (each in its own subprocess, see :mod:`lmstrain.trial`) until it has found the largest
-shape that trains *and* has seen the next larger one fail. Every trial is stored as a JSON file
+trials (each in its own subprocess, see :mod:`lmstrain.planning.harness`) until it has found
+the largest shape that trains *and* has seen the next larger one fail. Every trial is stored as a JSON file
 under ``<out>/trials/``, so an interrupted sweep resumes without redoing finished trials.
 """
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from math import prod
 from pathlib import Path
 
 from lmstrain.atomic import atomic_path, write_text
+from lmstrain.config import Config
 from lmstrain.errors import UserError
-from lmstrain.lms import SwapSettings
-from lmstrain.lms.simulate import default_executor
-from lmstrain.lms.sizing import LIMITS, check_size, default_host_memory, scaled_shape
+from lmstrain.lms.settings import SwapSettings
 from lmstrain.model.unet3d import divisor
+from lmstrain.planning import harness
+from lmstrain.planning.simulate import default_budget, default_executor
+from lmstrain.planning.sizing import (LIMITS, SIZE_RANGE, check_size, default_host_memory,
+                                      scaled_shape)
+from lmstrain.planning.transfer import transfer_model
 from lmstrain.report import plot_maxres, plot_step_times
-from lmstrain.transfer import transfer_model
-from lmstrain.units import format_bytes, parse_bytes
 
 STATUSES = ("ok", "oom", "crash", "timeout")
 
@@ -76,35 +74,6 @@ class Trial:
         return asdict(self)
 
 
-def parse_sizes(text):
-    """``"64:192:16"`` -> ``[64, 80, ..., 192]`` (inclusive); a single number is one size."""
-    parts = str(text).split(":")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        raise UserError(f"--sizes expects FROM:TO:STEP (e.g. 64:192:16), got {text!r}") from None
-    if len(numbers) == 1:
-        numbers = [numbers[0], numbers[0], 1]
-    if len(numbers) != 3:
-        raise UserError(f"--sizes expects FROM:TO:STEP (e.g. 64:192:16), got {text!r}")
-    low, high, step = numbers
-    if low <= 0 or step <= 0 or high < low:
-        raise UserError(f"--sizes {text}: need 0 < FROM <= TO and STEP > 0")
-    return list(range(low, high + 1, step))
-
-
-def parse_int_list(text, option):
-    """``"1,2,4"`` -> ``[1, 2, 4]`` (positive integers)."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option} expects comma-separated positive integers, got {text!r}") \
-            from None
-    if not values or any(v <= 0 for v in values):
-        raise UserError(f"{option} expects comma-separated positive integers, got {text!r}")
-    return sorted(set(values))
-
-
 def scaled_shapes(base_shape, sizes, divisor):
     """Shapes with the aspect of ``base_shape`` whose largest edge is each of ``sizes``.
 
@@ -151,44 +120,41 @@ def search_largest(candidates, run, start=0):
 class SweepOptions:
     """What ``lmstrain maxres`` sweeps; see its ``--help``."""
 
-    sizes: list
-    batch_sizes: list
-    lms: list
-    budgets: list
+    sizes: list[int]
+    batch_sizes: list[int]
+    lms: list[bool]
+    budgets: list[int]
     mode: str = "measure"
-    fixed_size: int = None
+    fixed_size: int | None = None
     timeout_s: float = 900.0
-    host_memory: int = None  # for swapped tensors; None = not a limit (only reported)
-    executor: str = None
+    host_memory: int | None = None  # for swapped tensors; None = not a limit (only reported)
+    executor: str | None = None
 
     @classmethod
-    def parse(cls, config, sizes=None, batch_sizes=None, lms="both", device_memory=None,
-              mode="measure", fixed_size=None, timeout_s=900.0, host_memory=None,
-              executor=None):
-        """Options from command-line strings; defaults come from ``config``."""
+    def from_config(cls, config: Config, sizes: list[int] | None = None,
+                    batch_sizes: list[int] | None = None, lms: str = "both",
+                    budgets: list[int] | None = None, mode: str = "measure",
+                    fixed_size: int | None = None, timeout_s: float = 900.0,
+                    host_memory: int | None = None, executor: str | None = None,
+                    ) -> "SweepOptions":
+        """Options with the defaults that come from ``config``: sizes from half to four times
+        the configured size in steps of the divisor, ``train.batch_size``,
+        the default budget (``lms.device_memory``, else the GPU's memory)."""
         step = divisor(config.model.depth)
-        largest = max(config.data.shape)
         if sizes is None:
-            sizes = f"{max(step, largest // 2 // step * step)}:{4 * largest}:{step}"
-        if device_memory is None:
-            if config.lms.device_memory is None:
+            largest = max(config.data.shape)
+            sizes = list(range(max(step, largest // 2 // step * step), 4 * largest + 1, step))
+        if not budgets:
+            budget = default_budget(config)
+            if budget is None:
                 raise UserError("pass --device-memory (e.g. 16GiB or 256MiB,512MiB) or set "
                                 "lms.device_memory in the config")
-            budgets = [config.lms.device_memory]
-        else:
-            try:
-                budgets = sorted({parse_bytes(v) for v in str(device_memory).split(",")})
-            except UserError as err:
-                raise UserError(f"--device-memory: {err}") from None
-        if not all(budgets):
-            raise UserError("--device-memory must be larger than zero")
+            budgets = [budget]
         executor = executor or default_executor()
-        return cls(sizes=parse_sizes(sizes),
-                   batch_sizes=parse_int_list(batch_sizes or str(config.train.batch_size),
-                                              "--batch-sizes"),
+        return cls(sizes=sizes, batch_sizes=batch_sizes or [config.train.batch_size],
                    lms={"off": [False], "on": [True], "both": [False, True]}[lms],
-                   budgets=budgets, mode=mode, fixed_size=fixed_size, timeout_s=timeout_s,
-                   executor=executor,
+                   budgets=sorted(set(budgets)), mode=mode, fixed_size=fixed_size,
+                   timeout_s=timeout_s, executor=executor,
                    host_memory=host_memory or default_host_memory(executor))
 
 
@@ -213,26 +179,6 @@ def swap_gain(summary, row):
     if not row["lms"] or not off or not off.get(key) or not row.get(key):
         return None
     return row[key] / off[key]
-
-
-def format_table(summary):
-    """The summary as a text table, with :func:`swap_gain` per budget and batch and,
-    with swapping, the host memory the swapped tensors need (predicted)."""
-    header = (f"{'budget':>10} {'batch':>5} {'swap':>4} {'max size':>8} {'shape':>14} "
-              f"{'voxels':>12} {'ratio':>6} {'host':>10}  limited by")
-    lines = [header, "-" * len(header)]
-    for row in summary:
-        gain = swap_gain(summary, row)
-        ratio = f"{gain:.2f}x" if gain else ""
-        shape = "x".join(map(str, row["max_shape"])) if row["max_shape"] else "-"
-        batch = row.get("max_batch", row["batch"])
-        host = format_bytes(row["predicted_host_bytes"]) if row.get("predicted_host_bytes") \
-            else ""
-        lines.append(f"{format_bytes(row['device_memory_bytes']):>10} {batch!s:>5} "
-                     f"{'on' if row['lms'] else 'off':>4} {row['max_size'] or '-':>8} "
-                     f"{shape:>14} {row['max_voxels'] or '-':>12} {ratio:>6} {host:>10}  "
-                     f"{row['limited_by'] or ''}")
-    return "\n".join(lines)
 
 
 class Sweep:
@@ -351,7 +297,7 @@ class Sweep:
                           status="ok" if fits else "oom", reason=limit or "",
                           source=f"simulated ({self.options.executor} executor order)")
         else:
-            trial = run_trial_process(self.config, spec, self.trial_dir, self.options.timeout_s)
+            trial = run_trial_process(self.config, spec, self.options.timeout_s)
         if estimate is not None:
             trial.predicted_peak_bytes = int(estimate.peak_bytes)
             trial.extra.update(predicted_bound_bytes=int(estimate.bound_bytes),
@@ -365,7 +311,7 @@ class Sweep:
     def _limited_by(self, specs, best, trials):
         """What stopped the search: the range, or why the first failing candidate failed."""
         if best is not None and best == len(specs) - 1:
-            return "size range" if not self.options.fixed_size else "batch range"
+            return SIZE_RANGE if not self.options.fixed_size else "batch range"
         failed = [t for t in trials if not t.ok]
         if not failed:
             return None
@@ -403,45 +349,19 @@ def _trial_of(trials, spec):
     return next(t for t in trials if t.shape == list(spec.shape) and t.batch == spec.batch)
 
 
-def run_trial_process(config, spec, work_dir, timeout_s):
-    """Run one trial in a fresh Python process; classify how it ended."""
-    from lmstrain import trial as trial_module
+def run_trial_process(config: Config, spec: TrialSpec, timeout_s: float) -> Trial:
+    """Run one trial through the harness (a fresh process); classify how it ended.
 
-    spec_dict = {"config": config.to_dict(), "shape": list(spec.shape), "batch": spec.batch,
-                 "lms": spec.lms, "device_memory_bytes": spec.device_memory_bytes}
-    spec_path = work_dir / f".{spec.key}.spec.json"
-    result_path = work_dir / f".{spec.key}.result.json"
-    write_text(spec_path, json.dumps(spec_dict))
-    env = {**os.environ, **trial_module.environment(spec_dict, gpu=_has_gpu())}
+    Trials with swapping build each batch inside the step and are profiled (their peak is
+    device-attributed); trials without keep tf.data's prefetch under a capped allocator.
+    """
+    req = harness.request(config.to_dict(), spec.shape, spec.batch,
+                          swap={} if spec.lms else None, budget_bytes=spec.device_memory_bytes,
+                          batches="fresh" if spec.lms else "prefetched",
+                          timed_steps=2, profile=spec.lms)
+    result = harness.run_trial(req, timeout_s)
     base = {"shape": list(spec.shape), "size": spec.size, "batch": spec.batch, "lms": spec.lms,
             "device_memory_bytes": spec.device_memory_bytes}
-    try:
-        child = subprocess.run([sys.executable, "-m", "lmstrain.trial", str(spec_path),
-                                str(result_path)], env=env, timeout=timeout_s,
-                               capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return Trial(**base, status="timeout", reason=f"no result within {timeout_s:.0f} s")
-    finally:
-        spec_path.unlink(missing_ok=True)
-    if not result_path.exists():
-        return Trial(**base, status="crash", reason=_death(child))
-    result = json.loads(result_path.read_text())
-    result_path.unlink()
-    extra = {k: result.pop(k) for k in list(result) if k not in {f.name for f in fields(Trial)}}
+    columns = {f.name for f in fields(Trial)}
+    extra = {k: result.pop(k) for k in list(result) if k not in columns}
     return Trial(**base, **result, extra=extra)
-
-
-def _death(child):
-    """How a child that wrote no result ended: its signal or exit status, and its last words."""
-    code = child.returncode
-    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-    noise = ("I0000", "W0000", "E0000", "WARNING: All log", "To enable the following")
-    lines = [line.strip() for line in (child.stderr or "").splitlines()
-             if line.strip() and not line.startswith(noise)]
-    return f"{how}: {' | '.join(lines[-2:])}"[:500] if lines else how
-
-
-def _has_gpu():
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))

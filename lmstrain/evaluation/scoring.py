@@ -17,8 +17,8 @@ from lmstrain.config import require_data_root
 from lmstrain.data.brats import REGIONS, discover_cases
 from lmstrain.data.split import load_split
 from lmstrain.errors import DataError
-from lmstrain.evaluation import METRICS, score_regions
-from lmstrain.inference import Predictor
+from lmstrain.evaluation.metrics import METRICS, score_regions
+from lmstrain.evaluation.inference import Predictor
 from lmstrain.report import plot_scores
 
 COLUMNS = ("case_id", *(f"{m}_{r}" for m in METRICS for r in REGIONS))

@@ -1,6 +1,7 @@
 """Memory checks around ``lmstrain fit``: predicted peak before training, measured after.
 
-Before training, :func:`check` simulates the configured step (:func:`lmstrain.lms.simulate_step`)
+Before training, :func:`check` simulates the configured step
+(:func:`lmstrain.planning.simulate.simulate_step`)
 and compares its predicted peak with the device's memory: ``lms.device_memory`` if set, else
 what TensorFlow reports for the GPU. ``lms.enabled: auto`` swaps exactly when the step is
 predicted not to fit; on a CPU without ``lms.device_memory`` there is no budget to compare
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from lmstrain.lms import devices, simulate_step
+from lmstrain.lms import devices
+from lmstrain.lms.sim import MemoryEstimate
+from lmstrain.planning.simulate import default_budget, simulate_step
 from lmstrain.units import format_bytes
 
-log = logging.getLogger("lmstrain.train")
+log = logging.getLogger("lmstrain.training.fit")
 
-PREDICTED = ("simulated before training: lmstrain.lms.simulate_step (traced step, emulated "
+PREDICTED = ("simulated before training: lmstrain.planning.simulate.simulate_step (traced step, emulated "
              "executor order, BFC allocator model), {executor} executor")
 
 
@@ -28,11 +31,11 @@ class MemoryCheck:
     """What was predicted before training and what was decided."""
 
     device: str  # "GPU:0" or "CPU:0"
-    budget: int  # bytes, or None
+    budget: int | None  # bytes
     swap: bool
     decision: str
-    without_swap: object = None  # MemoryEstimate
-    with_swap: object = None  # MemoryEstimate, when swapping
+    without_swap: MemoryEstimate | None = None
+    with_swap: MemoryEstimate | None = None  # when swapping
 
     def record(self, measured, how):
         """The ``summary.json`` entry: predicted and measured peaks side by side."""
@@ -55,9 +58,9 @@ class MemoryCheck:
 
 def check(config):
     """Predict the step's peak, compare it with the budget, decide ``lms.enabled: auto``."""
-    gpu = bool(tf.config.list_physical_devices("GPU"))
+    gpu = devices.has_gpu()
     device = "GPU:0" if gpu else "CPU:0"
-    budget = config.lms.device_memory or (devices.memory_limit("/GPU:0") if gpu else None)
+    budget = default_budget(config)
     shape, batch = tuple(config.data.shape), config.train.batch_size
     try:
         without = simulate_step(config, shape, batch, device_memory=budget)

@@ -1,6 +1,5 @@
-"""Training: ``fit`` starts a run, ``resume`` continues one (see :mod:`lmstrain.rundir`)."""
+"""Training: ``fit`` starts a run, ``resume`` continues one (see :mod:`lmstrain.training.rundir`)."""
 
-import dataclasses
 import logging
 import math
 import os
@@ -9,26 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 import yaml
 
-from lmstrain.callbacks import EpochProgress, RunRecorder
-from lmstrain.config import config_from_dict, require_data_root, save_config
+from lmstrain.config import config_from_dict, require_data_root, save_config, swap_settings
 from lmstrain.data.brats import discover_cases
 from lmstrain.data.cache import VolumeCache
 from lmstrain.data.pipeline import make_dataset, prepare_cases
 from lmstrain.data.preprocess import Settings
 from lmstrain.data.split import load_split, save_split, split_cases
 from lmstrain.errors import RunError, UserError
-from lmstrain import memcheck
-from lmstrain.lms import LMS, split_cpu
-from lmstrain.lms.sizing import physical_memory
-from lmstrain.model import build_model
-from lmstrain.model.losses import make_loss
-from lmstrain.model.metrics import region_metrics
-from lmstrain.rundir import RunFiles, create_run_dir
+from lmstrain.lms import LMS, devices, split_cpu
+from lmstrain.model.training import training_model
+from lmstrain.training import memcheck
+from lmstrain.training.callbacks import EpochProgress, RunRecorder
+from lmstrain.training.rundir import RunFiles, create_run_dir
 
-log = logging.getLogger("lmstrain.train")
+log = logging.getLogger("lmstrain.training.fit")
 
 
 @dataclass
@@ -84,43 +79,24 @@ def prepare_devices(config):
     """Before TensorFlow starts its devices, when swapping is on or may be (``auto``): on a
     CPU-only machine, split the CPU into a compute device (/CPU:0) and a host (/CPU:1) so the
     swap rewrite can run; with a GPU, let TensorFlow's pinned host allocator use all of this
-    machine's RAM for swapped tensors (``TF_GPU_HOST_MEM_LIMIT_IN_MB``, default 64 GiB) unless
-    it is set already."""
+    machine's RAM for swapped tensors (``devices.host_memory_environment``)."""
     if config.lms.enabled is False:
         return
-    if tf.config.list_physical_devices("GPU"):
-        os.environ.setdefault("TF_GPU_HOST_MEM_LIMIT_IN_MB", str(physical_memory() // 2**20))
+    if devices.has_gpu():
+        os.environ.update(devices.host_memory_environment())
     else:
         split_cpu()
 
 
-def lms_callback(config, swap):
+def lms_callback(config, swap, batch_size):
     """The swap callback configured by ``config.lms`` when ``swap``, else None."""
     if not swap:
         return None
-    settings = dataclasses.asdict(config.lms)
-    del settings["enabled"]
-    return LMS(**settings)
-
-
-def compile_model(model, config, steps_per_epoch):
-    """Compile ``model`` with the configured optimizer, schedule, loss and region metrics."""
-    t = config.train
-    total_steps = max(1, t.epochs * steps_per_epoch)
-    lr = t.learning_rate
-    if t.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(t.learning_rate, decay_steps=total_steps)
-    elif t.lr_schedule == "poly":
-        lr = keras.optimizers.schedules.PolynomialDecay(t.learning_rate, total_steps,
-                                                        end_learning_rate=0.0, power=0.9)
-    optimizer = {
-        "adam": lambda: keras.optimizers.Adam(lr),
-        "adamw": lambda: keras.optimizers.AdamW(lr),
-        "sgd": lambda: keras.optimizers.SGD(lr, momentum=0.99, nesterov=True),
-    }[t.optimizer]()
-    model.compile(optimizer=optimizer, loss=make_loss(config), metrics=region_metrics(),
-                  steps_per_execution=t.steps_per_execution)
-    return model
+    c = config.lms
+    return LMS(swap_settings(config), host_device=c.host_device,
+               compute_device=c.compute_device, autotune=c.autotune,
+               device_memory=c.device_memory, verify=c.verify, copy_mode=c.copy_mode,
+               batch_size=batch_size)
 
 
 def _train(config, files, train_cases, val_cases):
@@ -134,12 +110,7 @@ def _train(config, files, train_cases, val_cases):
     val_ds = make_dataset(val_cases, cache, t.batch_size, training=False)
     steps = t.steps_per_epoch or max(1, math.ceil(len(train_cases) / t.batch_size))
 
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if t.mixed_precision else "float32")
-    try:
-        model = compile_model(build_model(config), config, steps)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    model = training_model(config, steps_per_epoch=steps)
     log.info("Model %s: %s parameters, input %s", model.name, f"{model.count_params():,}",
              "x".join(map(str, config.data.shape)))
 
@@ -161,7 +132,7 @@ def _train(config, files, train_cases, val_cases):
     ]
     if t.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=10))
-    swap = lms_callback(config, memory.swap)
+    swap = lms_callback(config, memory.swap, t.batch_size)
     if swap:
         callbacks.append(swap)
     device = f"/{memory.device}"

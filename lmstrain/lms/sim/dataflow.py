@@ -20,7 +20,7 @@ are done (:func:`release_input`).
 Each output either owns a new buffer, aliases an input's buffer (``Reshape``, ``Identity``,
 ``ReadVariableOp`` ...), or may reuse an input buffer the op was the last to read (element-wise
 kernels call ``forward_input_or_allocate_output``). Which happens is decided while replaying an
-execution order (:mod:`lmstrain.lms.liveness`), because it depends on what is still live.
+execution order (:mod:`lmstrain.lms.sim.liveness`), because it depends on what is still live.
 """
 
 from dataclasses import dataclass, field

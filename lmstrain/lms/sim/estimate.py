@@ -1,11 +1,11 @@
-"""A step's predicted device memory, from its :class:`~lmstrain.lms.dataflow.Dataflow`.
+"""A step's predicted device memory, from its :class:`~lmstrain.lms.sim.dataflow.Dataflow`.
 
 The op-output peak is the largest sum of live op outputs while the emulated executor runs
-the step (:mod:`lmstrain.lms.schedule`, :mod:`lmstrain.lms.liveness`), plus what is resident
+the step (:mod:`lmstrain.lms.sim.schedule`, :mod:`lmstrain.lms.sim.liveness`), plus what is resident
 throughout (weights, optimizer and metric state, constants, the batch).
 
 The allocator peak is what ``get_memory_info()["peak"]`` would report: the same allocations
-and frees replayed through a model of TensorFlow's BFC allocator (:mod:`lmstrain.lms.bfc`:
+and frees replayed through a model of TensorFlow's BFC allocator (:mod:`lmstrain.lms.sim.bfc`:
 whole chunks, 256-byte rounding, unsplit chunks, regions), over three identical steps after the
 resident allocations, plus a calibrated allowance for kernel scratch space, which op outputs do
 not show: ``allocator peak = BFC peak + KERNEL_SCRATCH_SHARE x step op-output peak``.
@@ -16,7 +16,7 @@ KERNEL_SCRATCH_SHARE was fitted on the demo network only (``scripts/validate_sim
 import os
 from dataclasses import asdict, dataclass, field
 
-from lmstrain.lms import bfc, liveness, schedule, simrewrite
+from lmstrain.lms.sim import bfc, liveness, schedule, simrewrite
 from lmstrain.lms.graph import SWAP_SCOPE
 
 # Fitted on the demo network's calibration cases (bench/results/simulator_accuracy.json).

@@ -8,7 +8,7 @@ starting point: the size it picks is then simulated directly (auto-tuned when sw
 the search walks up or down one size at a time until it has a size that fits and the next
 larger size that does not. The reported estimate is always the direct simulation.
 
-Traces are cached per size (:func:`~lmstrain.lms.simulate.cached_trace`) and swap plans are
+Traces are cached per size (:func:`~lmstrain.planning.simulate.cached_trace`) and swap plans are
 simulated on them without retracing. Sizes keep the configured shape's aspect:
 ``scaled_shape`` scales it so its largest edge is the size, rounding each edge down to the
 network's divisor.
@@ -18,17 +18,19 @@ import dataclasses
 import os
 from dataclasses import asdict, dataclass
 
-import tensorflow as tf
-
+from lmstrain.config import Config, swap_settings
 from lmstrain.errors import UserError
 from lmstrain.lms import devices
-from lmstrain.lms.estimate import ELEMENT_LIMIT
-from lmstrain.lms.settings import LMSParameterError
-from lmstrain.lms.simulate import (autotune_step, cached_trace, default_executor,
-                                   estimate_trace, simulate_step, settings_from_config)
+from lmstrain.lms.errors import BoundExceededError
+from lmstrain.lms.settings import SwapSettings
+from lmstrain.lms.sim import MemoryEstimate
+from lmstrain.lms.sim.estimate import ELEMENT_LIMIT
 from lmstrain.model.unet3d import divisor
+from lmstrain.planning.simulate import (autotune_step, default_executor, estimate_settings,
+                                        simulate_step)
 
 LIMITS = ("device memory", "single op", "element count", "host memory")
+SIZE_RANGE = "size range"  # every candidate fits: the search range, not memory, stops growth
 MAX_EDGE = 2048
 
 
@@ -36,16 +38,16 @@ MAX_EDGE = 2048
 class SizeLimit:
     """The largest size that fits, and what stops the next one."""
 
-    size: int  # largest edge; None when nothing fits
-    shape: tuple
-    voxels: int
-    limited_by: str  # one of LIMITS
-    estimate: object  # MemoryEstimate at ``shape`` (direct simulation), or None
-    settings: dict = None  # the auto-tuned swap settings at ``shape``, when swapping
-    next_shape: tuple = None  # the next larger candidate, which does not fit
-    extrapolated_voxels: int = None  # where the affine fit put the limit
+    size: int | None  # largest edge; None when nothing fits
+    shape: tuple[int, ...] | None
+    voxels: int | None
+    limited_by: str  # one of LIMITS, or SIZE_RANGE when every candidate fits
+    estimate: MemoryEstimate | None  # at ``shape`` (direct simulation)
+    settings: dict | None = None  # the auto-tuned swap settings at ``shape``, when swapping
+    next_shape: tuple[int, ...] | None = None  # the next larger candidate, which does not fit
+    extrapolated_voxels: int | None = None  # where the affine fit put the limit
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         data = asdict(self)
         data["estimate"] = self.estimate.to_dict() if self.estimate else None
         return data
@@ -75,7 +77,8 @@ def voxels(shape):
     return n
 
 
-def max_size(config, batch, device_memory, swap, *, executor=None, host_memory=None):
+def max_size(config: Config, batch: int, device_memory: int, swap: bool, *,
+             executor: str | None = None, host_memory: int | None = None) -> SizeLimit:
     """The largest size of ``config.data.shape``'s aspect that trains within ``device_memory``.
 
     ``swap``: False (no swapping) or True (swapping, settings auto-tuned from ``config.lms``
@@ -105,7 +108,7 @@ def max_size(config, batch, device_memory, swap, *, executor=None, host_memory=N
             index += 1
             best = (index, result, settings)
         else:
-            limit = "device memory"
+            limit = SIZE_RANGE
     else:
         best = None
         while index > 0:
@@ -125,7 +128,9 @@ def max_size(config, batch, device_memory, swap, *, executor=None, host_memory=N
                      guess)
 
 
-def check_size(config, shape, batch, device_memory, swap, executor, host_memory):
+def check_size(config: Config, shape: tuple[int, ...], batch: int, device_memory: int,
+               swap: bool | SwapSettings, executor: str, host_memory: int | None,
+               ) -> tuple[bool, str | None, MemoryEstimate | None, dict | None]:
     """Simulate one size directly: ``(fits, limited_by, estimate, settings)``.
 
     ``swap``: False, True (settings auto-tuned from ``config.lms`` for the budget), or a
@@ -136,9 +141,8 @@ def check_size(config, shape, batch, device_memory, swap, executor, host_memory)
         try:
             choice = autotune_step(config, shape, batch, device_memory, executor,
                                    retrace=False)
-        except LMSParameterError as error:
-            limit = "single op" if " on its own" in str(error) else "device memory"
-            return False, limit, None, None
+        except BoundExceededError as error:
+            return False, "single op" if error.single_op else "device memory", None, None
         result, settings = choice.estimate, choice.settings.to_dict()
     else:
         result = simulate_step(config, shape, batch, plan=swap or None, executor=executor,
@@ -160,8 +164,7 @@ def _extrapolated_start(config, batch, budget, swap, executor, host_memory, shap
     first = small[0]
     second = next((s for s in shapes if voxels(s) >= 8 * voxels(first)), shapes[-1])
     plan = _most_swapping(config) if swap else None
-    a, b = (estimate_trace(cached_trace(config, s, batch), executor, budget, plan)
-            for s in (first, second))
+    a, b = (estimate_settings(config, s, batch, executor, budget, plan) for s in (first, second))
     v1, v2 = voxels(first), voxels(second)
     limits = [_solve(a.peak_bytes, b.peak_bytes, v1, v2, budget),
               ELEMENT_LIMIT * v2 / max(b.largest_tensor_elements, 1)]
@@ -174,6 +177,8 @@ def _extrapolated_start(config, batch, budget, swap, executor, host_memory, shap
 
 def _solve(y1, y2, v1, v2, budget):
     """Voxels where the line through (v1, y1) and (v2, y2) reaches ``budget``."""
+    if v2 == v1:  # one candidate only: no line, the walk starts at the first size
+        return float("inf")
     slope = (y2 - y1) / (v2 - v1)
     if slope <= 0:
         return float("inf")
@@ -182,16 +187,11 @@ def _solve(y1, y2, v1, v2, budget):
 
 def _most_swapping(config):
     """``config.lms``'s settings with everything eligible swapped and the nearest prefetch."""
-    return dataclasses.replace(settings_from_config(config), swapout_threshold=0,
+    return dataclasses.replace(swap_settings(config), swapout_threshold=0,
                                swapin_ahead=1, swapin_groupby=0)
 
 
-def physical_memory():
-    """This machine's RAM in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def default_host_memory(executor):
+def default_host_memory(executor: str) -> int | None:
     """Host memory for swapped tensors when ``--host-memory`` is not given, or None when it is
     unknown and not a limit.
 
@@ -203,8 +203,7 @@ def default_host_memory(executor):
     on a machine without a GPU plans for another machine, whose RAM is unknown: the host
     memory the plan needs is reported, not checked.
     """
-    if tf.config.list_physical_devices("GPU"):
-        if "TF_GPU_HOST_MEM_LIMIT_IN_MB" in os.environ:
-            return devices.host_memory_limit()
-        return physical_memory()
-    return physical_memory() if executor == "cpu" else None
+    if devices.has_gpu():
+        user_set = devices.HOST_LIMIT_ENV in os.environ
+        return devices.host_memory_limit() if user_set else devices.physical_memory()
+    return devices.physical_memory() if executor == "cpu" else None

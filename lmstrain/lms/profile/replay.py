@@ -33,7 +33,7 @@ class Buffer:
     allocation_bytes: int
     region: str
     start_ps: int
-    end_ps: object
+    end_ps: int | None  # None: still held when the trace ended
 
 
 @dataclass

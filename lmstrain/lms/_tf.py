@@ -6,6 +6,9 @@ memory limits. All are stable across TF 2.x but undocumented; a TF upgrade shoul
 this module checked.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import tensorflow as tf
 from tensorflow.python.client import device_lib
 from tensorflow.python.eager import context
@@ -27,15 +30,21 @@ def add_control_input(op, control_op):
     op._add_control_input(control_op)
 
 
-def ignore_in_auto_control_deps(op_type):
-    """Stop tf.function from ordering stateful ``op_type`` ops among the other stateful ops.
+@contextmanager
+def order_insensitive(op_type: str) -> Iterator[None]:
+    """Inside the block, tf.function does not order stateful ``op_type`` ops among the other
+    stateful ops; the process-wide skip-list is restored when the block ends.
 
     ``DeepCopy`` is stateful; without this, automatic control dependencies chain the swap nodes
-    after the optimizer's variable updates and the traced step contains a cycle.
+    after the optimizer's variable updates and the traced step contains a cycle. The list is
+    read when a trace is finalised, so the block must span every trace that adds such ops.
     """
-    skipped = auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS
-    if op_type not in skipped:
-        auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS = frozenset(skipped | {op_type})
+    before = auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS
+    auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS = frozenset(before | {op_type})
+    try:
+        yield
+    finally:
+        auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS = before
 
 
 def start_graph_collection():

@@ -1,16 +1,16 @@
-"""Edits of a :class:`~lmstrain.lms.dataflow.Dataflow` that mirror graph rewrites.
+"""Edits of a :class:`~lmstrain.lms.sim.dataflow.Dataflow` that mirror graph rewrites.
 
 - :func:`with_plan` adds a swap plan's nodes and edges exactly as
   :func:`lmstrain.lms.rewrite.apply_plan` adds them to the traced graph, so auto-tune can try
   many plans on one trace (a swapped step input stops being resident, as
-  :func:`lmstrain.lms.dataflow.build` does for a rewritten trace);
+  :func:`lmstrain.lms.sim.dataflow.build` does for a rewritten trace);
 - :func:`accumulate_addn` mirrors Grappler's memory optimizer, which turns large ``AddN`` ops
   into running sums when the device is nearly full.
 """
 
 import copy
 
-from lmstrain.lms.dataflow import Node, Output, release_input
+from lmstrain.lms.sim.dataflow import Node, Output, release_input
 from lmstrain.lms.rewrite import swap_scope
 
 COPY_TYPES = {"snapshot": "Snapshot", "deepcopy": "DeepCopy"}

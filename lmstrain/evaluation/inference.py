@@ -24,7 +24,7 @@ from lmstrain.data.preprocess import (Settings, load_case, network_image, normal
 from lmstrain.errors import UserError
 from lmstrain.model import losses, metrics  # noqa: F401  (registers the custom objects)
 
-log = logging.getLogger("lmstrain.inference")
+log = logging.getLogger("lmstrain.evaluation.inference")
 
 
 class Predictor:

@@ -1,0 +1,82 @@
+"""Text tables of the ``plan`` and ``maxres`` results, rendered at the edge from the library's
+JSON-ready dicts."""
+
+from lmstrain.planning.sweep import swap_gain
+from lmstrain.units import format_bytes
+
+
+def plan_lines(report: dict, config_name: str = "") -> list[str]:
+    """The report as lines of text."""
+    r = report
+    shape = "x".join(map(str, r["shape"]))
+    budget = format_bytes(r["device_memory_bytes"]) if r["device_memory_bytes"] else "unknown"
+    host = (format_bytes(r["host_memory_bytes"]) if r["host_memory_bytes"]
+            else "not limited (pass --host-memory)")
+    lines = [f"{config_name}: input {shape}, batch {r['batch']}; device memory {budget}, host "
+             f"memory {host}; {r['executor'].upper()} executor order emulated",
+             "",
+             f"At {shape}, batch {r['batch']}:{'without swapping':>30}{'with swapping':>18}"]
+    parts = dict.fromkeys(list(r["breakdown_without_swap"]) + list(r["breakdown_with_swap"]))
+    for part in parts:
+        lines.append(f"  {part:<40}{_b(r['breakdown_without_swap'].get(part, 0)):>18}"
+                     f"{_b(r['breakdown_with_swap'].get(part, 0)):>18}")
+    lines += [
+        f"  {'op-output peak':<40}{_b(r['op_output_peak_bytes_without_swap']):>18}"
+        f"{_b(r['op_output_peak_bytes_with_swap']):>18}",
+        f"  {'allocator peak (predicted)':<40}{_b(r['peak_bytes_without_swap']):>18}"
+        f"{_b(r['peak_bytes_with_swap']):>18}",
+        f"  peak op without swapping: {r['peak_op_without_swap']}",
+        f"  peak op with swapping:    {r['peak_op_with_swap']}",
+        f"  swapped per step: {_b(r['swapped_bytes_per_step'])}, held in host memory at most "
+        f"{_b(r['host_bytes_with_swap'])}",
+        f"  physical bound (weights, optimizer state, gradients, batch and the largest single "
+        f"op): {_b(r['bound_bytes'])}, set by {r['bound_op']}",
+        f"  largest tensor: {r['largest_tensor']} ({r['largest_tensor_elements']:,} elements); "
+        f"tensors exceed 2^31-1 elements from size "
+        f"{r['element_limit_size'] or 'beyond the search range'}",
+        ""]
+    if not r["device_memory_bytes"]:
+        lines.append("Largest sizes: pass --device-memory (or set lms.device_memory) to search.")
+        return lines
+    lines.append(f"Largest size in {budget}:")
+    for suffix, label in (("without", "without swapping"), ("with", "with swapping")):
+        size = r[f"max_size_{suffix}_swap"]
+        limit = r["limited_by_without_swap" if suffix == "without" else "limited_by"]
+        if size is None:
+            lines.append(f"  {label + ':':<19} nothing fits ({limit})")
+            continue
+        lines.append(f"  {label + ':':<19} {'x'.join(map(str, r[f'max_shape_{suffix}_swap']))} "
+                     f"({r[f'max_voxels_{suffix}_swap']:,} voxels); the next size is stopped by "
+                     f"{limit}")
+    if r["max_size_swap_settings"]:
+        s = r["max_size_swap_settings"]
+        lines.append(f"  auto-tuned at that size: swapout_threshold={s['swapout_threshold']}, "
+                     f"swapin_ahead={s['swapin_ahead']}, swapin_groupby={s['swapin_groupby']}; "
+                     f"host memory needed {_b(r['max_size_host_bytes'])}")
+    if r["voxel_ratio"]:
+        lines.append(f"  voxel ratio (with / without swapping): {r['voxel_ratio']:.2f}x")
+    return lines
+
+
+def _b(n):
+    return format_bytes(n) if n is not None else "-"
+
+
+def maxres_table(summary: list[dict]) -> str:
+    """The summary as a text table, with :func:`swap_gain` per budget and batch and,
+    with swapping, the host memory the swapped tensors need (predicted)."""
+    header = (f"{'budget':>10} {'batch':>5} {'swap':>4} {'max size':>8} {'shape':>14} "
+              f"{'voxels':>12} {'ratio':>6} {'host':>10}  limited by")
+    lines = [header, "-" * len(header)]
+    for row in summary:
+        gain = swap_gain(summary, row)
+        ratio = f"{gain:.2f}x" if gain else ""
+        shape = "x".join(map(str, row["max_shape"])) if row["max_shape"] else "-"
+        batch = row.get("max_batch", row["batch"])
+        host = format_bytes(row["predicted_host_bytes"]) if row.get("predicted_host_bytes") \
+            else ""
+        lines.append(f"{format_bytes(row['device_memory_bytes']):>10} {batch!s:>5} "
+                     f"{'on' if row['lms'] else 'off':>4} {row['max_size'] or '-':>8} "
+                     f"{shape:>14} {row['max_voxels'] or '-':>12} {ratio:>6} {host:>10}  "
+                     f"{row['limited_by'] or ''}")
+    return "\n".join(lines)
