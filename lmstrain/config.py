@@ -13,6 +13,7 @@ with ``--set`` are relative to the current directory. Both are stored as absolut
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,7 @@ LmsConfig = dataclasses.make_dataclass("LmsConfig", [
     ("autotune", bool, _key(False, "Choose the swap settings that fit lms.device_memory.")),
     ("device_memory", Optional[int], _key(
         None, "Device memory budget for auto-tune and checks, e.g. 16GiB; null = the device's.",
-        bytes=True)),
+        bytes=True, gt=0)),
     ("verify", bool, _key(False, "Log, per traced function, how many swap nodes survive "
                                  "Grappler.")),
 ])
@@ -179,11 +180,16 @@ def load_config(path, overrides=()):
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -201,11 +207,13 @@ def config_from_dict(raw, overrides=()):
     raw = apply_overrides(raw, overrides)
     config = _build(Config, raw, "")
     swap_settings(config)  # the swap settings' own checks, before anything runs
+    _check_shape(config)
+    _check_run_name(config.output.name)
     for dotted, _tp, _default, _help in schema_keys():  # defaults such as output.root: runs
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
         if _field_meta(section, name).get("path") and value and not os.path.isabs(value):
-            setattr(getattr(config, section), name, str(Path(value).resolve()))
+            setattr(getattr(config, section), name, _resolve(Path(value), dotted))
     return config
 
 
@@ -268,8 +276,18 @@ def _resolve_paths(raw, base, only=None):
         meta = _field_meta(section, name)
         value = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
         if meta.get("path") and isinstance(value, str) and value:
-            raw[section] = {**raw[section], name: str((base / Path(value).expanduser()).resolve())}
+            raw[section] = {**raw[section], name: _resolve(base / Path(value).expanduser(), dotted)}
     return raw
+
+
+def _resolve(path, key):
+    """``path`` made absolute with symbolic links resolved; a ConfigError naming ``key`` when
+    that is impossible (a symbolic link loop)."""
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop before Python 3.13
+        raise ConfigError(f"{key}: cannot resolve {path}: a symbolic link loop or an unreadable "
+                          "folder; fix the link or choose another path") from None
 
 
 def _field_meta(section, name):
@@ -305,12 +323,15 @@ def _unknown_key_message(dotted, key, valid):
 
 
 def _check(value, tp, meta, path):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value!r}")
     if meta.get("bytes") and value is not None:
         try:
-            return parse_bytes(value)
+            value = parse_bytes(value)
         except UserError as err:
             raise ConfigError(f"{path}: {err}") from None
-    value = _check_type(value, tp, path)
+    else:
+        value = _check_type(value, tp, path)
     _check_range(value, meta, path)
     return value
 
@@ -340,9 +361,11 @@ def _check_type(value, tp, path):
         return [_check_type(item, args[0], f"{path}[{i}]") for i, item in enumerate(value)]
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "5e-4" (no dot) as a string; accept it as the number it means.
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = math.nan
+        if math.isfinite(number):
+            return number
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -380,3 +403,35 @@ def _check_range(value, meta, path):
             raise ConfigError(f"{path}: must be at most {meta['max']}, got {value!r}")
         if "gt" in meta and item <= meta["gt"]:
             raise ConfigError(f"{path}: must be greater than {meta['gt']}, got {value!r}")
+
+
+def _check_shape(config):
+    """``data.shape`` must suit the network: every edge a multiple of 2**(model.depth - 1)."""
+    shape, depth = config.data.shape, config.model.depth
+    step = 2 ** (depth - 1)
+    bad = [s for s in shape if s % step]
+    if bad:
+        near = sorted({max(step, s // step * step) for s in bad}
+                      | {(s // step + 1) * step for s in bad})
+        raise ConfigError(
+            f"data.shape: {shape} does not fit {config.model.name} with model.depth {depth}: "
+            f"every edge must be a multiple of {step}; {', '.join(map(str, bad))} is not "
+            f"(nearest that work: {', '.join(map(str, near))})")
+
+
+def _check_run_name(name):
+    """``output.name`` names one folder inside ``output.root`` (null = the default)."""
+    if name is None:
+        return
+    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name) or "\0" in name:
+        raise ConfigError(f"output.name: must be a single folder name (no '/', not empty, '.' or "
+                          f"'..'), got {name!r}; set output.root to choose where runs go")
+
+
+def _yaml_problem(err):
+    """A YAML error on one line: where (line and column) and what."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+    context = getattr(err, "context", None)
+    return where + problem + (f" ({context})" if context else "")

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lmstrain.atomic import atomic_path  # noqa: E402
 from lmstrain.data.brats import REGIONS  # noqa: E402
+from lmstrain.units import format_bytes  # noqa: E402
 
 
 def plot_history(rows, path):
@@ -44,19 +45,33 @@ def plot_scores(rows, path):
 
 
 def plot_maxres(summary, path):
-    """Largest trainable voxels vs device memory, one line per (batch, swapping) setting."""
+    """Largest trainable voxels vs device memory, one line per (batch, swapping) setting; one
+    bar per setting when a single budget was swept."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     settings = sorted({(row["batch"] or 0, row["lms"]) for row in summary})
-    for batch, swap in settings:
-        rows = sorted((r for r in summary if (r["batch"] or 0) == batch and r["lms"] == swap),
-                      key=lambda r: r["device_memory_bytes"])
-        ax.plot([r["device_memory_bytes"] / 2**30 for r in rows],
-                [r["max_voxels"] or 0 for r in rows], "o-" if swap else "s--",
-                label=f"{'with' if swap else 'without'} swapping"
-                      + (f", batch {batch}" if batch else ""))
-    ax.set(xlabel="device memory (GiB)", ylabel="largest trainable voxels",
-           title="Largest trainable size")
-    ax.legend()
+    budgets = sorted({row["device_memory_bytes"] for row in summary})
+
+    def label(batch, swap, sep=", "):
+        return f"{'with' if swap else 'without'} swapping" + (f"{sep}batch {batch}" if batch
+                                                              else "")
+
+    if len(budgets) == 1:
+        voxels = {((r["batch"] or 0), r["lms"]): r["max_voxels"] or 0 for r in summary}
+        ax.bar([label(*s, sep="\n") for s in settings], [voxels[s] for s in settings],
+               color=["tab:blue" if swap else "tab:gray" for _batch, swap in settings])
+        ax.tick_params(axis="x", labelsize=8)
+        ax.set(ylabel="largest trainable voxels",
+               title=f"Largest trainable size at {format_bytes(budgets[0])} device memory")
+    else:
+        for batch, swap in settings:
+            rows = sorted((r for r in summary if (r["batch"] or 0) == batch and r["lms"] == swap),
+                          key=lambda r: r["device_memory_bytes"])
+            ax.plot([r["device_memory_bytes"] / 2**30 for r in rows],
+                    [r["max_voxels"] or 0 for r in rows], "o-" if swap else "s--",
+                    label=label(batch, swap))
+        ax.set(xlabel="device memory (GiB)", ylabel="largest trainable voxels",
+               title="Largest trainable size")
+        ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
 

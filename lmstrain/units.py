@@ -3,7 +3,9 @@
 import re
 
 from lmstrain.errors import UserError
-from lmstrain.lms.units import format_bytes  # noqa: F401  (one formatter for app and library)
+from lmstrain.lms.units import format_bytes  # one formatter for the app and the library
+
+__all__ = ["format_bytes", "parse_bytes"]
 
 _UNITS = {
     "": 1, "b": 1,

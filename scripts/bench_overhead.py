@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from lmstrain.atomic import write_text
 from lmstrain.config import load_config
+from lmstrain.planning.harness import WARMUP_STEPS
 from lmstrain.planning.sizing import check_size, default_host_memory, max_size, scaled_shape
 from lmstrain.model.unet3d import divisor
 from lmstrain.planning.sweep import TrialSpec, run_trial_process
@@ -32,6 +33,12 @@ from lmstrain.planning.transfer import ASSUMPTIONS, LINKS, transfer_model
 from lmstrain.units import format_bytes, parse_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_path(path) -> str:
+    """``path`` relative to the project when inside it: results name no machine's folders."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def measured(config_path, sizes, repeats):
@@ -86,7 +93,7 @@ def modelled(config_path, budget, host_memory, executor, batch):
                          "bandwidth_bound": {r["link"]: r["bandwidth_bound"]
                                              for r in model["links"]}})
             size += step
-    return {"config": str(config_path), "batch": batch, "device_memory_bytes": budget,
+    return {"config": project_path(config_path), "batch": batch, "device_memory_bytes": budget,
             "host_memory_bytes": host_memory, "executor": executor,
             "largest_without_swapping": list(base), "stopped_by": limit, "sizes": rows}
 
@@ -128,11 +135,12 @@ def main():
     parser.add_argument("--executor", default="gpu", choices=["cpu", "gpu"])
     parser.add_argument("--out", default=str(ROOT / "bench/results/overhead.json"))
     args = parser.parse_args()
-    cpu = {"config": args.cpu_config,
+    cpu = {"config": project_path(args.cpu_config),
            "measure": "wall time of a training step on this machine's CPU, median of two "
-                      "timed steps after a warm-up step, one subprocess per trial "
-                      "(lmstrain.planning.trial), swapping in deepcopy mode between two logical CPUs; "
-                      f"ratio = with / without, median of {args.repeats} alternating repeats",
+                      f"timed steps after {WARMUP_STEPS} warm-up steps, one subprocess per trial "
+                      "(lmstrain.planning.harness), swapping in deepcopy mode between two "
+                      "logical CPUs; ratio = with / without, median of "
+                      f"{args.repeats} alternating repeats",
            "sizes": measured(args.cpu_config, [int(s) for s in args.cpu_sizes.split(",")],
                              args.repeats)}
     gpu = modelled(args.gpu_config, parse_bytes(args.device_memory),

@@ -1,4 +1,10 @@
-"""The command line, in-process: exit codes and the messages users see."""
+"""The command line, in-process: exit codes and the messages users see; what a fresh
+process prints."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -80,3 +86,56 @@ def test_synth_writes_cases(tmp_path):
 def test_bad_flag_exits_2():
     result = run("synth", "out", "--shape", 8, 8, 8)
     assert result.exit_code == 2 and "--shape" in result.output
+
+
+# --- what a fresh `lmstrain` process prints: TensorFlow's start-up lines, memory measurement ---
+
+def lmstrain_process(*args, cwd=None):
+    """Run ``python -m lmstrain.cli ARGS`` in a fresh process without the suite's TF_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    return subprocess.run([sys.executable, "-m", "lmstrain.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+STARTUP_NOISE = ["absl::InitializeLog", "oneDNN custom operations", "Could not find cuda drivers",
+                 "I0000 ", "UserWarning", "shuffle"]
+
+
+def test_absl_info_lines_are_dropped_and_warnings_and_errors_kept(capfd):
+    from lmstrain.cli import _absl_info_dropped
+
+    with _absl_info_dropped():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                    b"written to STDERR\n"
+                    b"I0000 00:00:1796224899.578304   22776 port.cc:153] oneDNN custom ...\n"
+                    b"W0000 00:00:1796224899.578611   22776 a.cc:31] a warning\n"
+                    b"python says\n"
+                    b"E0000 00:00:1796224899.578611   22776 b.cc:52] an error\n")
+    assert capfd.readouterr().err == ("W0000 00:00:1796224899.578611   22776 a.cc:31] a warning\n"
+                                      "python says\n"
+                                      "E0000 00:00:1796224899.578611   22776 b.cc:52] an error\n")
+
+
+def test_fit_prints_no_tensorflow_startup_lines_and_can_measure_the_cpu_peak(tmp_path,
+                                                                            tiny_config):
+    result = lmstrain_process("fit", tiny_config(), "--measure-memory", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    noise = [line for line in result.stderr.splitlines()
+             if any(word in line for word in STARTUP_NOISE)]
+    assert not noise, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    memory = json.loads((run_dir / "summary.json").read_text())["memory"]
+    assert memory["measured_peak_bytes"] > 0, memory
+    assert memory["measured"].startswith("measured: tf.config.experimental.get_memory_info")
+
+
+def test_verbose_shows_tensorflow_startup_lines(tmp_path):
+    code = ("import sys; from lmstrain.cli import main\n"
+            "main(sys.argv[1:], standalone_mode=False)\n"
+            "import tensorflow\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    (tmp_path / "c.yaml").write_text("")
+    result = subprocess.run([sys.executable, "-c", code, "-v", "config", "show",
+                             str(tmp_path / "c.yaml")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "I0000 " in result.stderr, result.stderr

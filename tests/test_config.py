@@ -47,6 +47,16 @@ def test_unknown_section(tmp_path):
     ("lms.enabled=maybe", "lms.enabled: expected true or false or one of auto, got 'maybe'"),
     ("lms.device_memory=lots", "lms.device_memory: expected a size such as 16GiB"),
     ("train", "--set expects section.key=value (e.g. train.epochs=3), got 'train'"),
+    ("train.learning_rate=.nan", "train.learning_rate: must be a finite number, got nan"),
+    ("train.learning_rate=nan", "train.learning_rate: expected a number, got 'nan'"),
+    ("data.val_fraction=.nan", "data.val_fraction: must be a finite number, got nan"),
+    ("loss.smooth=.inf", "loss.smooth: must be a finite number, got inf"),
+    ("lms.device_memory=.inf", "lms.device_memory: must be a finite number, got inf"),
+    ("lms.device_memory=.nan", "lms.device_memory: must be a finite number, got nan"),
+    ("lms.device_memory=0", "lms.device_memory: must be greater than 0, got 0"),
+    ("data.shape=[30,32,32]", "data.shape: [30, 32, 32] does not fit isensee2017 with "
+                              "model.depth 5: every edge must be a multiple of 16; 30 is not "
+                              "(nearest that work: 16, 32)"),
 ])
 def test_bad_values_name_the_key_and_the_value(tmp_path, override, message):
     with pytest.raises(ConfigError) as info:
@@ -107,3 +117,65 @@ def test_swap_settings_are_checked_by_the_config(tmp_path):
     assert "lms.swapin_ahead: must be at least 1, got 0" in result.output
     path.write_text("lms: {sync_mode: sometimes}\n")
     assert CliRunner().invoke(main, ["config", "show", str(path)]).exit_code == 2
+
+
+def test_shape_check_uses_the_configured_depth_and_network(tmp_path):
+    path = write(tmp_path, "data: {shape: [24, 36, 8]}\nmodel: {name: unet, depth: 4}\n")
+    with pytest.raises(ConfigError, match=r"^data.shape: \[24, 36, 8\] does not fit unet with "
+                                          r"model.depth 4: every edge must be a multiple of 8; "
+                                          r"36 is not \(nearest that work: 32, 40\)$"):
+        load_config(path)
+    assert load_config(path, ["data.shape=[24,32,8]"]).data.shape == [24, 32, 8]
+
+
+def test_autotune_needs_a_positive_budget(tmp_path):
+    path = write(tmp_path, "lms: {autotune: true, device_memory: 0}\n")
+    with pytest.raises(ConfigError, match="^lms.device_memory: must be greater than 0, got 0"):
+        load_config(path)
+    assert load_config(path, ["lms.device_memory=16GiB"]).lms.device_memory == 16 * 2**30
+    assert load_config(path, ["lms.device_memory=null"]).lms.device_memory is None
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs/run", "", ".", "..", "x/"])
+def test_output_name_is_a_single_folder_name(tmp_path, name):
+    path = write(tmp_path, "output: {name: " + repr(name) + "}\n")
+    with pytest.raises(ConfigError, match=r"^output.name: must be a single folder name "):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^output.name: must be a single folder name "):
+        load_config(write(tmp_path, ""), [f"output.name='{name}'"])
+
+
+def test_output_name_may_be_null_or_a_plain_name(tmp_path):
+    assert load_config(write(tmp_path, "output: {name: my-run_2.b}\n")).output.name == "my-run_2.b"
+    assert load_config(write(tmp_path, ""), ["output.name=null"]).output.name is None
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("output: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{path} is not UTF-8 text \(byte 0xe9 at offset "
+                                          r"18\); save it as UTF-8$"):
+        load_config(path)
+
+
+def test_a_symlink_loop_in_a_path_key_is_named(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    path = write(tmp_path, "data: {root: loop}\n")
+    message = rf"^data.root: cannot resolve {tmp_path / 'loop'}: a symbolic link loop"
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, "", "ok.yaml"), [f"data.root={tmp_path / 'loop'}"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: [unclosed\n", "is not valid YAML: line 2, column 1: expected ',' or ']', but got "
+                          "'<stream end>' (while parsing a flow sequence)"),
+    ("data: !!python/object/apply:os.system ['true']\n",
+     "is not valid YAML: line 1, column 7: could not determine a constructor for the tag "
+     "'tag:yaml.org,2002:python/object/apply:os.system'"),
+])
+def test_yaml_errors_are_one_line(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value) and "\n" not in str(info.value)

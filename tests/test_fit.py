@@ -83,12 +83,14 @@ def test_nan_loss_stops_the_cli_with_exit_1_and_a_message(tmp_path, tiny_config)
     result = run("fit", path)
     assert result.exit_code == 1
     assert "the loss became NaN in epoch 1; training stopped" in result.output
-    assert "Lower train.learning_rate" in result.output
+    assert "no epoch had finished, so no checkpoint was saved" in result.output
+    assert "start a new run with a lower one" in result.output
+    assert "train.learning_rate=1e+29" in result.output and "last.keras" not in result.output
     (run_dir,) = run_dirs(tmp_path)
     assert not (run_dir / "checkpoints/last.keras").exists()  # nothing bad was saved
 
 
-def test_recorder_keeps_the_last_good_checkpoint_when_the_loss_turns_nan(tmp_path):
+def test_recorder_keeps_the_last_good_checkpoint_when_the_loss_turns_nan_and_says_so(tmp_path):
     import numpy as np
 
     from lmstrain.training.callbacks import RunRecorder
@@ -105,12 +107,18 @@ def test_recorder_keeps_the_last_good_checkpoint_when_the_loss_turns_nan(tmp_pat
                 yield x, np.full((4, 1), np.nan if epoch else 1.0, "float32")
 
     recorder = RunRecorder(files, {})
-    model.fit(batches(), epochs=2, steps_per_epoch=2, callbacks=[recorder], verbose=0)
+    model.fit(batches(), epochs=2, steps_per_epoch=2, shuffle=False, callbacks=[recorder],
+              verbose=0)
     assert recorder.nan_epoch == 2
     assert json.loads((files.checkpoints / "state.json").read_text())["epoch"] == 1
     saved = keras.saving.load_model(files.checkpoints / "last.keras")
     assert all(np.isfinite(w).all() for w in saved.get_weights())
     assert [r["epoch"] for r in history(files.run_dir)] == ["1"]
+    message = str(recorder.nan_error(learning_rate=0.01))
+    assert "the loss became NaN in epoch 2" in message
+    assert f"{files.checkpoints / 'last.keras'} (epoch 1)" in message
+    assert "start a new run" in message and "train.learning_rate=0.001" in message
+    assert "resume" not in message.replace("--resume cannot", "")
 
 
 def test_killed_run_resumes_losing_at_most_one_epoch(tmp_path, tiny_config):

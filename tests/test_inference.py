@@ -118,3 +118,85 @@ def test_predict_writes_label_maps_on_the_input_grid(trained_run, brats2021_root
     assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1, 2, 4}
     again = CliRunner().invoke(main, ["predict", str(trained_run), str(brats2021_root), str(out)])
     assert again.exit_code == 2 and "pass --overwrite" in again.output
+
+
+# --- predict: data.on_error, what was written, an unwritable output folder ----------------------
+
+def input_with_a_broken_case(brats2021_root, tmp_path):
+    """Three shared cases, the middle one with a truncated t1 image."""
+    import shutil
+
+    root = tmp_path / "input"
+    for case_id in ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"):
+        shutil.copytree(brats2021_root / case_id, root / case_id)
+    t1 = root / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz"
+    t1.write_bytes(t1.read_bytes()[:100])
+    return root
+
+
+def test_predict_stops_before_writing_anything_under_on_error_fail(trained_run, brats2021_root,
+                                                                   tmp_path):
+    out = tmp_path / "pred"
+    root = input_with_a_broken_case(brats2021_root, tmp_path)
+    result = CliRunner().invoke(main, ["predict", str(trained_run), str(root), str(out)])
+    assert result.exit_code == 2, result.output
+    assert not out.exists() or not any(out.iterdir())
+    assert "Error: case BraTS2021_00001: cannot read BraTS2021_00001_t1.nii.gz" in result.output
+    assert "nothing written (data.on_error: fail; pass --on-error skip" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_predict_skips_bad_cases_under_on_error_skip_and_says_what_it_wrote(
+        trained_run, brats2021_root, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("on_error: fail", "on_error: skip"))
+    out = tmp_path / "pred"
+    root = input_with_a_broken_case(brats2021_root, tmp_path)
+    result = CliRunner().invoke(main, ["predict", str(run), str(root), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "skipping case BraTS2021_00001: cannot read" in result.output
+    assert ("Wrote 2 of 3 segmentations to " + str(out) + ": BraTS2021_00000, BraTS2021_00002"
+            in result.output)
+    assert sorted(p.name for p in out.iterdir()) == ["BraTS2021_00000.nii.gz",
+                                                     "BraTS2021_00002.nii.gz"]
+
+
+def test_predict_checks_the_output_folder_before_loading_the_model(brats2021_root, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {shape: [16, 16, 16]}\n")
+    (run / "checkpoints" / "best.keras").write_bytes(b"not a model: must never be loaded")
+    (tmp_path / "file").write_text("a file where a folder should be")
+    out = tmp_path / "file" / "pred"
+    result = CliRunner().invoke(main, ["predict", str(run), str(brats2021_root), str(out)])
+    assert result.exit_code == 2, result.output
+    assert f"Error: cannot write to {out}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_predict_on_a_full_disk_says_which_cases_were_written(trained_run, brats2021_root,
+                                                              tmp_path, monkeypatch):
+    import errno
+
+    from lmstrain.evaluation import inference
+
+    save_nifti, saved = inference.nib.save, []
+
+    def save_twice_then_full(image, path):
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(save_nifti(image, path))
+
+    monkeypatch.setattr(inference.nib, "save", save_twice_then_full)
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(main, ["predict", str(trained_run), str(brats2021_root), str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: cannot write {out}/BraTS2021_00002.nii.gz: No space "
+                                    "left on device; already written: BraTS2021_00000, "
+                                    "BraTS2021_00001")
+    assert sorted(p.name for p in out.iterdir()) == ["BraTS2021_00000.nii.gz",
+                                                     "BraTS2021_00001.nii.gz"]

@@ -1,6 +1,7 @@
 """maxres: the search (pure), real trial subprocesses, resume, and the command's errors."""
 
 import json
+from dataclasses import asdict
 
 import click
 import pytest
@@ -54,7 +55,7 @@ def test_sizes_keep_the_aspect_and_round_to_the_divisor():
     assert sizes.convert("80", None, None) == [80]
     assert scaled_shapes((160, 192, 128), [96, 192], 16) == [
         (96, (80, 96, 64)), (192, (160, 192, 128))]
-    assert scaled_shapes((64, 64, 32), [20, 24], 16) == [(16, (16, 16, 16))]  # deduplicated
+    assert scaled_shapes((64, 64, 32), [32, 40], 16) == [(32, (32, 32, 16))]  # deduplicated
     for bad in ("64:32:16", "0:64:16", "64:128:0", "a:b:c", "1:2:3:4"):
         with pytest.raises(click.BadParameter, match="FROM"):
             sizes.convert(bad, None, None)
@@ -71,10 +72,11 @@ def test_real_trials_pass_and_run_out_of_memory_in_the_child(tiny, tmp_path):
     assert ok.status == "ok", ok.reason
     assert 0 < ok.measured_peak_bytes < 256 * 2**20 and ok.step_time_s > 0
     assert ok.source == "cpu-capped"
-    oom = run_trial_process(tiny, TrialSpec((64, 64, 64), 1, False, 64 * 2**20), 600)
+    oom = run_trial_process(tiny, TrialSpec((64, 64, 64), 1, False, 64 * 2**20), 600,
+                            tmp_path / "trial")
     assert oom.status == "oom"
     assert oom.reason.startswith("ResourceExhaustedError: OOM when allocating")
-    assert not list(tmp_path.iterdir())  # spec and result files cleaned up
+    assert not list(tmp_path.iterdir())  # request and result files cleaned up
 
 
 def test_a_swapping_trial_on_cpu_is_judged_by_its_device_attributed_peak(tiny, tmp_path):
@@ -94,6 +96,8 @@ def test_resume_reuses_finished_trials(tiny, tmp_path, monkeypatch):
     # a real trial would give, so the summary shows they were reused.
     monkeypatch.setattr("lmstrain.planning.sweep.run_trial_process",
                         lambda *args: pytest.fail("a finished trial ran again"))
+    (sweep.out_dir / "sweep.json").write_text(json.dumps(
+        {"config": tiny.to_dict(), "options": asdict(options)}))
     for size, status in ((16, "ok"), (24, "ok"), (32, "oom")):
         spec = TrialSpec((size,) * 3, 1, False, 2**30)
         trial = Trial(shape=[size] * 3, size=size, batch=1, lms=False,

@@ -3,21 +3,23 @@
 Exit status: 0 on success, 2 for input errors (config, flags, data location), 1 when a run fails.
 """
 
+import contextlib
 import functools
+import importlib.abc
+import importlib.util
 import inspect
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 
 import click
 
 from lmstrain.cli.params import BYTE_SIZES, POSITIVE_INTS, ByteSize, SizeRange
 from lmstrain.errors import LmstrainError
 from lmstrain.lms.errors import LMSError
-
-# Keep TensorFlow's C++ start-up chatter out of the user's terminal unless asked for.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class LmstrainGroup(click.Group):
@@ -82,6 +84,68 @@ def main(verbose, quiet):
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    _quiet_tensorflow(verbose)
+
+
+def _quiet_tensorflow(verbose: bool) -> None:
+    """Show TensorFlow's C++ warnings and errors but not its INFO lines (-v: everything),
+    unless the user set TF_CPP_MIN_LOG_LEVEL or TensorFlow already runs.
+
+    TF_CPP_MIN_LOG_LEVEL applies only once TensorFlow's libraries have loaded; the INFO lines
+    they print while loading (oneDNN, "Could not find cuda drivers", once per library that
+    bundles its own logging) are dropped by importing TensorFlow through
+    :class:`_QuietTensorFlowImport`.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "1")
+    if not verbose and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Runs the first ``import tensorflow`` with absl's INFO lines dropped from stderr."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            with _absl_info_dropped():
+                load(module)
+                module.config.list_physical_devices("GPU")  # CUDA's probe, while held
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+# absl's INFO line ("I0000 00:00:1796224899.578304   22776 port.cc:153] ..."), the notice it
+# prints before its first line, and CUDA's "failed call to cuInit" error on a machine without
+# a GPU (the expected answer of the probe, not an error of the run).
+_ABSL_INFO = re.compile(rb"I\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+                        rb"|WARNING: All log messages before absl::InitializeLog\(\)"
+                        rb"|E\d{4} [\d:.]+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit")
+
+
+@contextlib.contextmanager
+def _absl_info_dropped():
+    """Hold what is written to file descriptor 2 meanwhile, then write it there without absl's
+    INFO lines (warnings, errors and Python's output stay, in order)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            os.write(2, b"".join(line for line in held if not _ABSL_INFO.match(line)))
 
 
 class _Formatter(logging.Formatter):
@@ -127,7 +191,11 @@ def synth(out_dir, cases, shape, seed, naming):
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Continue this run directory from its last finished epoch, with its own "
                    "config (only --set train.epochs=N may change it). CONFIG is ignored.")
-def fit(config, resume_dir, overrides):
+@click.option("--measure-memory", is_flag=True,
+              help="On a CPU, record the allocator's measured peak in summary.json beside the "
+                   "predicted one (sets TF_CPU_ALLOCATOR_USE_BFC=true; steps take about 1.7x "
+                   "as long). A GPU's peak is always recorded.")
+def fit(config, resume_dir, overrides, measure_memory):
     """Train the network described by CONFIG.
 
     Creates a new run directory <output.root>/<output.name>-<timestamp>/ with the resolved
@@ -141,6 +209,8 @@ def fit(config, resume_dir, overrides):
       lmstrain fit configs/brats2021_isensee.yaml --set data.root=/data/BraTS2021
       lmstrain fit configs/demo.yaml --resume runs/demo-20261126-101500 --set train.epochs=40
     """
+    if measure_memory:  # read when TensorFlow starts, so before it is imported
+        os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     from lmstrain.training.fit import fit as fit_run
     from lmstrain.training.fit import resume
 
@@ -192,12 +262,16 @@ def evaluate(run_dir, data_dir):
 @click.argument("input_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace segmentations already in OUTPUT_DIR.")
-def predict(run_dir, input_dir, output_dir, overwrite):
+@click.option("--on-error", type=click.Choice(["fail", "skip"]),
+              help="A case that cannot be read: stop before writing anything, or leave it out "
+                   "with a warning (default: the run's data.on_error).")
+def predict(run_dir, input_dir, output_dir, overwrite, on_error):
     """Segment every case in INPUT_DIR with a trained run; write NIfTI to OUTPUT_DIR.
 
     Each output <case_id>.nii.gz has the input's shape and affine and the label values of the
     input's BraTS release. Cases need their four images; a segmentation is not needed.
     Runs trained with data.resize: crop_pad predict with an overlapping sliding window.
+    Prints the cases written; OUTPUT_DIR is checked writable before the model is loaded.
 
     \b
     Example:
@@ -205,8 +279,11 @@ def predict(run_dir, input_dir, output_dir, overwrite):
     """
     from lmstrain.evaluation.inference import predict_folder
 
-    written = predict_folder(run_dir, input_dir, output_dir, overwrite)
-    click.echo(f"Wrote {len(written)} segmentations to {output_dir}")
+    done = predict_folder(run_dir, input_dir, output_dir, overwrite, on_error)
+    count = f"{len(done.written)} of {done.n_cases}" if done.skipped else len(done.written)
+    click.echo(f"Wrote {count} segmentations to {output_dir}: {', '.join(done.written)}")
+    if done.skipped:
+        click.echo(f"Skipped {len(done.skipped)} (see the warnings): {', '.join(done.skipped)}")
 
 
 @main.command()
@@ -232,7 +309,8 @@ def predict(run_dir, input_dir, output_dir, overwrite):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output folder (default: <output.root>/maxres-<name>-<timestamp>).")
 @click.option("--resume", is_flag=True, help="Continue the sweep in --out, skipping finished "
-                                              "trials.")
+                                              "trials; refused when the config or --mode, "
+                                              "--executor or --host-memory changed.")
 @click.option("--timeout", default=900, show_default=True, type=click.FloatRange(1),
               help="Seconds before a trial counts as timeout.")
 @click.option("--host-memory", type=ByteSize(), metavar="SIZE",
@@ -348,7 +426,8 @@ def data_check(config):
 
     Prints the number of cases, their shapes, voxel spacings, data types and label values,
     and every problem (unreadable or truncated file, modality shape or affine mismatch,
-    unexpected label values, missing modality) with the case name.
+    unexpected label values, missing modality, all-zero images) with the case name: what
+    `fit` would reject. Lists NIfTI files whose names match no case (training ignores them).
 
     Exit status: 0 when every case loads (warnings allowed) or data.on_error is skip; 1 when a
     case fails under data.on_error: fail; 2 for a bad config or when no cases are found.
@@ -361,9 +440,10 @@ def data_check(config):
     from lmstrain.data.brats import discover_cases
     from lmstrain.data.check import check_cases
 
-    cases = discover_cases(require_data_root(config), config.data.layout)
+    root = require_data_root(config)
+    cases = discover_cases(root, config.data.layout)
     click.echo(f"{len(cases)} cases ({cases[0].layout.name} layout)")
-    report = check_cases(cases)
+    report = check_cases(cases, root)
     for line in report.lines()[1:]:
         click.echo(line)
     if report.failures and config.data.on_error == "fail":

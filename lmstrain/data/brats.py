@@ -167,6 +167,13 @@ def discover_cases(root, layout="auto"):
     return cases
 
 
+def unmatched_files(root, cases) -> list:
+    """NIfTI files under ``root`` that belong to none of ``cases``: their names match no case
+    of the layout (e.g. a stray copy, another release's naming), so training ignores them."""
+    used = {p for case in cases for p in (*case.images, case.seg) if p is not None}
+    return [p for p in nifti_files(root) if p not in used]
+
+
 def nifti_files(root):
     """Every ``.nii``/``.nii.gz`` under ``root``, skipping hidden files (e.g. macOS ``._*``)."""
     return sorted(p for p in Path(root).rglob("*.nii*")

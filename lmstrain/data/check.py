@@ -2,10 +2,12 @@
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from lmstrain.data.brats import unmatched_files
 from lmstrain.data.preprocess import load_case
 from lmstrain.errors import DataError
 
@@ -19,6 +21,8 @@ class CheckReport:
     labels: set = field(default_factory=set)
     warnings: list = field(default_factory=list)
     failures: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)   # files matching no case, relative to the root
+    layout: str = ""
 
     def lines(self):
         """The report as text lines."""
@@ -27,14 +31,18 @@ class CheckReport:
         out.append("spacings: " + _counts(self.spacings, "{} mm"))
         out.append("dtypes:   " + _counts(self.dtypes))
         out.append("labels:   " + ", ".join(map(str, sorted(self.labels))))
+        out += [f"ignored:  {p} (matches no case of the {self.layout} layout)"
+                for p in self.ignored]
         out += [f"warning: {w}" for w in self.warnings]
         out += [f"problem: {f}" for f in self.failures]
         return out
 
 
-def check_cases(cases):
-    """Load each case as training would; collect what it looks like and what is wrong."""
-    report = CheckReport(len(cases))
+def check_cases(cases, root: Path) -> CheckReport:
+    """Load each case of ``root`` as training would; collect what it looks like, what is
+    wrong, and the NIfTI files that belong to no case."""
+    report = CheckReport(len(cases), layout=cases[0].layout.name)
+    report.ignored = [p.relative_to(root) for p in unmatched_files(root, cases)]
     for case in tqdm(cases, desc="Checking", unit="case", disable=None):
         try:
             loaded = load_case(case, with_seg=case.seg is not None)

@@ -1,12 +1,15 @@
 """tf.data input pipelines: cached volumes -> (image, regions) batches, with random flips."""
 
 import logging
+import re
+from contextlib import contextmanager
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from lmstrain.errors import DataError
+from lmstrain import errors
+from lmstrain.errors import DataError, LmstrainError, RunError
 
 log = logging.getLogger("lmstrain.data")
 
@@ -17,7 +20,7 @@ def prepare_cases(cases, cache, on_error="fail"):
     A case that cannot be read raises its :class:`DataError` (``on_error="fail"``) or is left
     out with a warning (``"skip"``).
     """
-    todo = [case for case in cases if not cache.path(case).exists()]
+    todo = [case for case in cases if not cache.has(case)]
     bad = set()
     for case in tqdm(todo, desc="Preprocessing", unit="case", disable=None if todo else True):
         try:
@@ -40,7 +43,14 @@ def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True):
     shape = cache.shape
 
     def load(index):
-        image, regions = cache.load(cases[int(index)])
+        case = cases[int(index)]
+        try:
+            image, regions = cache.load(case)
+        except LmstrainError:
+            raise
+        except Exception as err:  # e.g. a file gone or a full disk: name the case
+            raise RunError(f"case {case.case_id}: cannot load it for training: "
+                           f"{type(err).__name__}: {err}") from None
         return image.astype(np.float32), regions.astype(np.float32)
 
     def load_tf(index):
@@ -56,6 +66,19 @@ def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True):
         ds = ds.map(lambda pair, rnd: random_flip(*pair, rnd), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@contextmanager
+def input_errors():
+    """Re-raise lmstrain's error from a tf.data worker (which TensorFlow wraps in an
+    ``OpError`` carrying its traceback as text) as that error, a one-line message."""
+    try:
+        yield
+    except tf.errors.OpError as err:
+        found = re.search(r"lmstrain\.errors\.(\w+): (.+)", err.message)
+        if found is None:
+            raise
+        raise getattr(errors, found.group(1))(found.group(2)) from None
 
 
 def random_flip(image, regions, rnd):

@@ -56,8 +56,9 @@ class Preprocessed:
 
 
 def load_case(case, with_seg=True):
-    """Read and check a case: every file readable, same shape and affine, finite values, and
-    label values of the case's release. Raises :class:`DataError` naming the case and file."""
+    """Read and check a case: every file readable, same shape and affine, finite values, not
+    every image empty, and label values of the case's release. Raises :class:`DataError` naming
+    the case and file. Training, prediction and ``data check`` all load cases through it."""
     if case.missing:
         raise DataError(f"case {case.case_id}: missing {', '.join(case.missing)} image"
                         f"{'s' if len(case.missing) > 1 else ''}")
@@ -88,6 +89,8 @@ def load_case(case, with_seg=True):
         image = arrays[0][..., list(case.channels)].astype(np.float32)
     else:
         image = np.stack([a.astype(np.float32) for a in arrays[:4]], axis=-1)
+    if not image.any():  # no brain to crop to and normalise
+        raise DataError(f"case {case.case_id}: every image is empty (all zeros)")
     seg = None
     if with_seg:
         seg = arrays[-1]
@@ -124,7 +127,7 @@ def network_image(box, settings):
 def normalized_box(loaded, case, settings):
     """The brain box at native resolution, bias-corrected if asked and z-scored, with its
     WT/TC/ET regions (None without a segmentation) and the :class:`Transform`."""
-    box, seg, transform = crop_to_brain(loaded, case)
+    box, seg, transform = crop_to_brain(loaded)
     if settings.n4:
         box = n4_correct(box)
     box = zscore(box, np.any(box != 0, axis=-1))
@@ -132,11 +135,9 @@ def normalized_box(loaded, case, settings):
     return box, regions, transform
 
 
-def crop_to_brain(loaded, case):
+def crop_to_brain(loaded):
     """Crop image and segmentation to the union non-zero bounding box of the four images."""
-    brain = np.any(loaded.image != 0, axis=-1)
-    if not brain.any():
-        raise DataError(f"case {case.case_id}: every image is empty (all zeros)")
+    brain = np.any(loaded.image != 0, axis=-1)  # never empty: load_case checks
     bbox = tuple((int(i.min()), int(i.max()) + 1) for i in np.nonzero(brain))
     crop = tuple(slice(lo, hi) for lo, hi in bbox)
     seg = loaded.seg[crop] if loaded.seg is not None else None

@@ -6,7 +6,10 @@ native-resolution patches: the brain box is tiled with overlapping patches whose
 are blended with a Gaussian weight (centre voxels count most), as in nnU-Net.
 """
 
+import dataclasses
+import functools
 import logging
+import tempfile
 from pathlib import Path
 
 import keras
@@ -21,7 +24,7 @@ from lmstrain.config import config_from_dict
 from lmstrain.data.brats import discover_cases
 from lmstrain.data.preprocess import (Settings, load_case, network_image, normalized_box,
                                       paste, restore)
-from lmstrain.errors import UserError
+from lmstrain.errors import DataError, RunError, UserError
 from lmstrain.model import losses, metrics  # noqa: F401  (registers the custom objects)
 
 log = logging.getLogger("lmstrain.evaluation.inference")
@@ -39,8 +42,13 @@ class Predictor:
                             f"checkpoints/{checkpoint}); pass a folder made by `lmstrain fit`")
         self.config = config_from_dict(yaml.safe_load(config_path.read_text()))
         self.settings = Settings.from_config(self.config)
-        self.model = keras.saving.load_model(path, compile=False)
+        self.checkpoint = path
         self.overlap = overlap
+
+    @functools.cached_property
+    def model(self):
+        """The checkpoint's model, loaded on first use (after the cheap checks)."""
+        return keras.saving.load_model(self.checkpoint, compile=False)
 
     def predict_case(self, case):
         """Return ``(regions, loaded)``: boolean ``(X, Y, Z, 3)`` WT/TC/ET masks on the case's
@@ -67,23 +75,77 @@ def segment(case, settings, predict, overlap=0.5):
     return restore(predict(network_input[None])[0], transform, settings), loaded
 
 
-def predict_folder(run_dir, input_dir, output_dir, overwrite=False):
+@dataclasses.dataclass
+class Predictions:
+    """What :func:`predict_folder` did."""
+
+    n_cases: int
+    written: dict            # case id -> its segmentation file, in case order
+    skipped: list            # ids of the cases left out (data.on_error: skip)
+
+
+def predict_folder(run_dir, input_dir, output_dir, overwrite=False,
+                   on_error=None) -> Predictions:
     """Segment every case in ``input_dir``; write ``<case_id>.nii.gz`` label maps to
-    ``output_dir`` with the input's shape, affine and the release's label values."""
+    ``output_dir`` with the input's shape, affine and the release's label values.
+
+    A case that cannot be read stops everything before anything is written (``on_error``
+    ``"fail"``) or is left out with a warning (``"skip"``); the default is the run's
+    ``data.on_error``. ``output_dir`` must be writable before the model is loaded.
+    """
     predictor = Predictor(run_dir)
-    cases = discover_cases(input_dir)
+    on_error = on_error or predictor.config.data.on_error
+    # Prediction needs the images only: a segmentation in the input folder is not read.
+    cases = [dataclasses.replace(case, seg=None) for case in discover_cases(input_dir)]
     output_dir = Path(output_dir)
     targets = {case.case_id: output_dir / f"{case.case_id}.nii.gz" for case in cases}
     existing = [p.name for p in targets.values() if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{output_dir} already holds {len(existing)} of these segmentations "
                         f"(e.g. {existing[0]}); choose another folder or pass --overwrite")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if on_error == "fail":
+        for case in tqdm(cases, desc="Checking", unit="case", disable=None):
+            try:
+                load_case(case, with_seg=False)
+            except DataError as err:
+                raise DataError(f"{err}; nothing written (data.on_error: fail; pass "
+                                "--on-error skip to leave such cases out)") from None
+    require_writable(output_dir)
+    done = Predictions(len(cases), {}, [])
     for case in tqdm(cases, desc="Predicting", unit="case", disable=None):
-        regions, loaded = predictor.predict_case(case)
-        write_segmentation(case.layout.labels.from_regions(regions), loaded.affine,
-                           targets[case.case_id])
-    return list(targets.values())
+        target = targets[case.case_id]
+        try:
+            regions, loaded = predictor.predict_case(case)
+        except DataError as err:
+            if on_error == "fail":
+                raise DataError(f"{err}; {_written(done)}") from None
+            log.warning("skipping %s", err)
+            done.skipped.append(case.case_id)
+            continue
+        try:
+            write_segmentation(case.layout.labels.from_regions(regions), loaded.affine, target)
+        except OSError as err:
+            raise RunError(f"cannot write {target}: {err.strerror or err}; {_written(done)}") \
+                from None
+        done.written[case.case_id] = target
+    return done
+
+
+def require_writable(folder: Path):
+    """Create ``folder`` if needed and check a file can be written in it (UserError if not)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to {folder}: {err.strerror or err}; choose a writable "
+                        "output folder") from None
+
+
+def _written(done):
+    if not done.written:
+        return "nothing written"
+    return f"already written: {', '.join(done.written)}"
 
 
 def write_segmentation(labels, affine, path):

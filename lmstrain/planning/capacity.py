@@ -8,11 +8,12 @@ and with (auto-tuned) swapping, what stops growth, and the first size where a te
 """
 
 from lmstrain.config import Config
+from lmstrain.errors import UserError
 from lmstrain.lms.sim.estimate import ELEMENT_LIMIT
 from lmstrain.model.unet3d import divisor
 from lmstrain.planning.simulate import default_budget, default_executor, simulate_step
-from lmstrain.planning.sizing import (candidate_shapes, default_host_memory, max_size,
-                                      scaled_shape, voxels)
+from lmstrain.planning.sizing import (MAX_EDGE, candidate_shapes, default_host_memory,
+                                      max_size, scaled_shape, voxels)
 
 
 def capacity(config: Config, size: int | None = None, batch: int | None = None,
@@ -23,8 +24,11 @@ def capacity(config: Config, size: int | None = None, batch: int | None = None,
     ``size`` scales ``config.data.shape`` so its largest edge is ``size``; ``batch`` defaults
     to ``train.batch_size``; ``device_memory`` to ``lms.device_memory`` (or the GPU's);
     ``host_memory`` to :func:`~lmstrain.planning.sizing.default_host_memory` (None: not a limit,
-    only reported).
+    only reported). Raises :class:`UserError` for a size beyond
+    :data:`~lmstrain.planning.sizing.MAX_EDGE` or a step beyond what the simulator replays.
     """
+    if size and size > MAX_EDGE:
+        raise UserError(f"--size {size} is above {MAX_EDGE}, the largest edge lmstrain plans")
     div = divisor(config.model.depth)
     shape = scaled_shape(config.data.shape, size, div) if size else tuple(config.data.shape)
     batch = batch or config.train.batch_size

@@ -3,11 +3,12 @@ measure one step. ``lmstrain maxres`` and every benchmark (``bench-lms``, ``benc
 ``bench-overhead``) run their trials through it.
 
 TensorFlow reads its allocator settings when it starts, so every trial runs in its own process
-(:func:`run_trial`: ``python -m lmstrain.planning.harness REQUEST RESULT``) with
-:func:`environment`: TensorFlow's BFC allocator on CPU (so that ``get_memory_info`` and the
-profiler's allocation events work), oneDNN kernels (no huge im2col scratch buffers), one
-inter-op thread (a reproducible op order), and, on CPU without swapping, the allocator capped
-at the budget. A fresh process also means a fresh allocator without fragmentation.
+(:func:`run_trial`: ``python -m lmstrain.planning.harness REQUEST RESULT``, which dies with the
+process that started it: :func:`die_with_parent`) with :func:`environment`: TensorFlow's BFC
+allocator on CPU (so that ``get_memory_info`` and the profiler's allocation events work),
+oneDNN kernels (no huge im2col scratch buffers), one inter-op thread (a reproducible op
+order), and, on CPU without swapping, the allocator capped at the budget. A fresh process also
+means a fresh allocator without fragmentation.
 
 A trial builds the model with :func:`lmstrain.model.training.training_model` (the configured
 dtype policy included), or a ``keras.applications`` model when the request names one
@@ -35,11 +36,13 @@ run in deepcopy mode, so each really copies. What the result holds:
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -49,6 +52,9 @@ BATCHES = ("resident", "fresh", "prefetched")
 COMPUTE, HOST = "/CPU:0", "/CPU:1"
 MEASURE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "1",
                "TF_CPU_ALLOCATOR_USE_BFC": "true"}
+HOLD_AT, HOLD_PIDFILE = "LMSTRAIN_HOLD_AT", "LMSTRAIN_HOLD_PIDFILE"  # crash tests, hold_point
+PARENT_ENV = "LMSTRAIN_TRIAL_PARENT"  # the pid of the process that started the trial
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 SOURCES = {
     "gpu": "measured: tf.config.experimental.get_memory_info('GPU:0')['peak'] on a GPU limited "
@@ -103,16 +109,24 @@ def environment(req: dict, gpu: bool) -> dict[str, str]:
     return env
 
 
-def run_trial(req: dict, timeout_s: float = 3600, gpu: bool | None = None) -> dict:
+def run_trial(req: dict, timeout_s: float = 3600, gpu: bool | None = None,
+              workdir: Path | None = None) -> dict:
     """Run the trial ``req`` in a fresh Python process; return its result, with ``status``
-    ``timeout`` or ``crash`` when the child gave none."""
+    ``timeout`` or ``crash`` when the child gave none.
+
+    ``workdir``: the folder for the request and result files (None: a temporary one); removed
+    afterwards.
+    """
     if gpu is None:
         from lmstrain.lms.devices import has_gpu
         gpu = has_gpu()
-    with tempfile.TemporaryDirectory() as tmp:
-        request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="lmstrain-trial-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        request_path, result_path = tmp / "request.json", tmp / "result.json"
         request_path.write_text(json.dumps(req))
-        env = {**os.environ, **environment(req, gpu)}
+        result_path.unlink(missing_ok=True)  # a result left by a killed run is not this one's
+        env = {**os.environ, **environment(req, gpu), PARENT_ENV: str(os.getpid())}
         try:
             child = subprocess.run([sys.executable, "-m", "lmstrain.planning.harness",
                                     str(request_path), str(result_path)], env=env,
@@ -122,6 +136,8 @@ def run_trial(req: dict, timeout_s: float = 3600, gpu: bool | None = None) -> di
         if not result_path.exists():
             return {"status": "crash", "reason": death(child.returncode, child.stderr)}
         return json.loads(result_path.read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def death(code: int, stderr: str) -> str:
@@ -158,7 +174,7 @@ def measure(req: dict) -> dict:
               else "cpu-capped" if budget else "cpu")
     tf.config.threading.set_inter_op_parallelism_threads(1)
     keras.utils.set_random_seed(0)
-    shape, batch = tuple(req["shape"]), req["batch"]
+    batch = req["batch"]
     steps = WARMUP_STEPS + req["timed_steps"] + 1  # the last step is the measured one
     result = {"source": source, "measure": SOURCES[source]}
     with tempfile.TemporaryDirectory() as logdir:
@@ -295,8 +311,36 @@ def _oom_line(message):
     return f"ResourceExhaustedError: {detail.strip().splitlines()[0][:300]}"
 
 
+def die_with_parent() -> None:
+    """End this trial when the process that started it ends, however it ends (``kill -9``
+    included), so that a killed sweep leaves no trial running: on Linux the kernel sends
+    SIGKILL when the parent dies (``PR_SET_PDEATHSIG``); a parent already gone before that
+    was set ends the trial at once. (An interrupted parent kills the trial itself:
+    ``subprocess.run`` kills its child on any exception.)"""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    parent = os.environ.get(PARENT_ENV)
+    if parent and os.getppid() != int(parent):
+        os._exit(1)
+
+
+def hold_point(name: str) -> None:
+    """For crash tests: when the environment's LMSTRAIN_HOLD_AT is ``name``, write this
+    process's pid to LMSTRAIN_HOLD_PIDFILE and wait there (ten minutes at most) to be killed."""
+    if os.environ.get(HOLD_AT) == name:
+        from lmstrain.atomic import write_text
+        write_text(os.environ[HOLD_PIDFILE], str(os.getpid()))
+        time.sleep(600)
+
+
 def main(argv=None):
     request_path, result_path = (argv or sys.argv[1:])[:2]
+    die_with_parent()
+    hold_point("trial-started")
     req = json.loads(Path(request_path).read_text())
     try:
         result = measure(req)

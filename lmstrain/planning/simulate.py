@@ -15,19 +15,43 @@ Example::
     estimate.peak_bytes, estimate.bound_bytes, estimate.bound_op
 """
 
+from contextlib import contextmanager
+
 import tensorflow as tf
 
 from lmstrain.config import Config, swap_settings
+from lmstrain.errors import UserError
 from lmstrain.lms import devices
 from lmstrain.lms.errors import LMSParameterError
 from lmstrain.lms.settings import SwapSettings
 from lmstrain.lms.sim import Choice, MemoryEstimate, Trace
+from lmstrain.lms.sim.bfc import OutOfMemory
+from lmstrain.lms.sim.estimate import UNLIMITED
 from lmstrain.lms.sim.trace import autotune_trace, estimate_trace, trace_train_step
 from lmstrain.model.training import training_model
 from lmstrain.model.unet3d import N_CHANNELS, N_REGIONS
+from lmstrain.units import format_bytes
 
 TRACE_CACHE_SIZE = 6
 _TRACES: dict = {}
+
+
+class BeyondSimulatorError(UserError):
+    """A step needs more memory than the simulator's allocator replay can hold (it fits no
+    device)."""
+
+
+@contextmanager
+def _replayable(shape, batch):
+    """Turn the allocator replay's running out of room into a :class:`BeyondSimulatorError`
+    naming the step."""
+    try:
+        yield
+    except OutOfMemory:
+        raise BeyondSimulatorError(
+            f"{'x'.join(map(str, shape))}, batch {batch}: one training step needs more than "
+            f"{format_bytes(UNLIMITED)}, beyond what the simulator replays; choose a smaller "
+            "size or batch") from None
 
 
 def simulate_step(config: Config, shape: tuple[int, ...], batch: int,
@@ -48,14 +72,15 @@ def simulate_step(config: Config, shape: tuple[int, ...], batch: int,
     """
     executor = executor or default_executor()
     budget = device_memory if device_memory is not None else config.lms.device_memory
-    if plan is None or plan is False:
-        result = estimate_trace(cached_trace(config, shape, batch), executor, budget)
-    elif plan is True and config.lms.autotune:
-        result = autotune_step(config, shape, batch, budget, executor).estimate
-    else:
-        settings = swap_settings(config) if plan is True else plan
-        result = estimate_trace(trace_step(config, shape, batch, settings, executor), executor,
-                                budget)
+    with _replayable(shape, batch):
+        if plan is None or plan is False:
+            result = estimate_trace(cached_trace(config, shape, batch), executor, budget)
+        elif plan is True and config.lms.autotune:
+            result = autotune_step(config, shape, batch, budget, executor).estimate
+        else:
+            settings = swap_settings(config) if plan is True else plan
+            result = estimate_trace(trace_step(config, shape, batch, settings, executor),
+                                    executor, budget)
     result.shape = list(shape)
     return result
 
@@ -74,12 +99,13 @@ def autotune_step(config: Config, shape: tuple[int, ...], batch: int, device_mem
         raise LMSParameterError(
             "auto-tune needs a device memory budget; got none. Set lms.device_memory (e.g. "
             "16GiB) or pass --device-memory.", key="device_memory")
-    choice = autotune_trace(cached_trace(config, shape, batch),
-                            swap_settings(config), device_memory, executor)
-    if retrace:
-        choice.estimate = estimate_trace(
-            trace_step(config, shape, batch, choice.settings, executor), executor,
-            device_memory)
+    with _replayable(shape, batch):
+        choice = autotune_trace(cached_trace(config, shape, batch),
+                                swap_settings(config), device_memory, executor)
+        if retrace:
+            choice.estimate = estimate_trace(
+                trace_step(config, shape, batch, choice.settings, executor), executor,
+                device_memory)
     choice.estimate.shape = list(shape)
     return choice
 
@@ -88,8 +114,9 @@ def estimate_settings(config: Config, shape: tuple[int, ...], batch: int, execut
                       device_memory: int | None, settings: SwapSettings | None) -> MemoryEstimate:
     """The estimate of the cached unswapped trace, with ``settings``' plan added without
     retracing (None: no swapping)."""
-    result = estimate_trace(cached_trace(config, shape, batch), executor,
-                            device_memory, settings)
+    with _replayable(shape, batch):
+        result = estimate_trace(cached_trace(config, shape, batch), executor,
+                                device_memory, settings)
     result.shape = list(shape)
     return result
 

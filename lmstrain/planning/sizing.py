@@ -26,8 +26,8 @@ from lmstrain.lms.settings import SwapSettings
 from lmstrain.lms.sim import MemoryEstimate
 from lmstrain.lms.sim.estimate import ELEMENT_LIMIT
 from lmstrain.model.unet3d import divisor
-from lmstrain.planning.simulate import (autotune_step, default_executor, estimate_settings,
-                                        simulate_step)
+from lmstrain.planning.simulate import (BeyondSimulatorError, autotune_step, default_executor,
+                                        estimate_settings, simulate_step)
 
 LIMITS = ("device memory", "single op", "element count", "host memory")
 SIZE_RANGE = "size range"  # every candidate fits: the search range, not memory, stops growth
@@ -135,19 +135,23 @@ def check_size(config: Config, shape: tuple[int, ...], batch: int, device_memory
 
     ``swap``: False, True (settings auto-tuned from ``config.lms`` for the budget), or a
     :class:`~lmstrain.lms.settings.SwapSettings` to simulate as given. ``host_memory`` None
-    means no limit. ``limited_by`` is None when it fits, else one of :data:`LIMITS`.
+    means no limit. ``limited_by`` is None when it fits, else one of :data:`LIMITS`; a step
+    beyond what the simulator replays fits no device memory.
     """
-    if swap is True:
-        try:
-            choice = autotune_step(config, shape, batch, device_memory, executor,
-                                   retrace=False)
-        except BoundExceededError as error:
-            return False, "single op" if error.single_op else "device memory", None, None
-        result, settings = choice.estimate, choice.settings.to_dict()
-    else:
-        result = simulate_step(config, shape, batch, plan=swap or None, executor=executor,
-                               device_memory=device_memory)
-        settings = swap.to_dict() if swap else None
+    try:
+        if swap is True:
+            try:
+                choice = autotune_step(config, shape, batch, device_memory, executor,
+                                       retrace=False)
+            except BoundExceededError as error:
+                return False, "single op" if error.single_op else "device memory", None, None
+            result, settings = choice.estimate, choice.settings.to_dict()
+        else:
+            result = simulate_step(config, shape, batch, plan=swap or None, executor=executor,
+                                   device_memory=device_memory)
+            settings = swap.to_dict() if swap else None
+    except BeyondSimulatorError:
+        return False, "device memory", None, None
     if result.largest_tensor_elements > ELEMENT_LIMIT:
         return False, "element count", result, settings
     if swap and host_memory is not None and result.host_bytes > host_memory:

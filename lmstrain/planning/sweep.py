@@ -5,15 +5,24 @@ candidate shapes, starting where the simulator predicts the limit, and runs real
 trials (each in its own subprocess, see :mod:`lmstrain.planning.harness`) until it has found
 the largest shape that trains *and* has seen the next larger one fail. Every trial is stored as a JSON file
 under ``<out>/trials/``, so an interrupted sweep resumes without redoing finished trials.
+
+The sweep folder: ``sweep.json`` (the config and options the trials were made with: ``--resume``
+refuses a config or options that would change a trial's outcome), ``trials/``, ``results.json``,
+``results.csv``, plots, ``.lock`` (held by the running sweep, its pid inside: one sweep per
+folder) and, while a trial runs, ``.trial/`` (its request and result files). A trial dies with
+its sweep (see :mod:`lmstrain.planning.harness`); what a killed sweep left is removed when the
+folder is swept again.
 """
 
 import csv
 import json
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from math import prod
 from pathlib import Path
 
+from lmstrain import locking
 from lmstrain.atomic import atomic_path, write_text
 from lmstrain.config import Config
 from lmstrain.errors import UserError
@@ -21,12 +30,17 @@ from lmstrain.lms.settings import SwapSettings
 from lmstrain.model.unet3d import divisor
 from lmstrain.planning import harness
 from lmstrain.planning.simulate import default_budget, default_executor
-from lmstrain.planning.sizing import (LIMITS, SIZE_RANGE, check_size, default_host_memory,
-                                      scaled_shape)
+from lmstrain.planning.sizing import (LIMITS, MAX_EDGE, SIZE_RANGE, check_size,
+                                      default_host_memory, scaled_shape)
 from lmstrain.planning.transfer import transfer_model
 from lmstrain.report import plot_maxres, plot_step_times
 
 STATUSES = ("ok", "oom", "crash", "timeout")
+RECORD, SCRATCH = "sweep.json", ".trial"
+OUTPUTS = (RECORD, "results.json", "results.csv", "max_voxels.png", "step_time.png")
+# What a trial's outcome depends on besides its spec: these config sections and options.
+RESULT_SECTIONS = ("model", "loss", "train", "lms")
+RESULT_OPTIONS = {"mode": "--mode", "executor": "--executor", "host_memory": "--host-memory"}
 
 
 @dataclass(frozen=True)
@@ -78,10 +92,12 @@ def scaled_shapes(base_shape, sizes, divisor):
     """Shapes with the aspect of ``base_shape`` whose largest edge is each of ``sizes``.
 
     Each axis is rounded down to a multiple of ``divisor`` (at least ``divisor``); sizes that
-    round to the same shape appear once. Returns ``[(largest_edge, shape), ...]`` ascending.
+    round to the same shape appear once, and shapes whose largest edge rounded out of
+    ``min(sizes)..max(sizes)`` not at all. Returns ``[(largest_edge, shape), ...]`` ascending.
     """
     shapes = {scaled_shape(base_shape, size, divisor) for size in sizes}
-    return sorted(((max(shape), shape) for shape in shapes), key=lambda x: (x[0], x[1]))
+    return sorted(((max(shape), shape) for shape in shapes
+                   if min(sizes) <= max(shape) <= max(sizes)), key=lambda x: (x[0], x[1]))
 
 
 def search_largest(candidates, run, start=0):
@@ -144,6 +160,7 @@ class SweepOptions:
         if sizes is None:
             largest = max(config.data.shape)
             sizes = list(range(max(step, largest // 2 // step * step), 4 * largest + 1, step))
+        _check_sizes(config, sizes, fixed_size, step)
         if not budgets:
             budget = default_budget(config)
             if budget is None:
@@ -156,6 +173,31 @@ class SweepOptions:
                    budgets=sorted(set(budgets)), mode=mode, fixed_size=fixed_size,
                    timeout_s=timeout_s, executor=executor,
                    host_memory=host_memory or default_host_memory(executor))
+
+
+def _check_sizes(config, sizes, fixed_size, step):
+    """Refuse sizes beyond :data:`~lmstrain.planning.sizing.MAX_EDGE`, a fixed size below the
+    network's divisor and a range that holds no size of the network (rounded into range)."""
+    flag, largest = ("--fixed-size", fixed_size) if fixed_size else ("--sizes", max(sizes))
+    if largest > MAX_EDGE:
+        raise UserError(f"{flag} goes up to {largest}; lmstrain plans largest edges up to "
+                        f"{MAX_EDGE}")
+    rule = (f"{step}, the network's divisor (2^(model.depth-1)); sizes are rounded down to a "
+            "multiple of it")
+    if fixed_size and fixed_size < step:
+        raise UserError(f"--fixed-size {fixed_size} is below {rule}")
+    if not fixed_size and not scaled_shapes(config.data.shape, sizes, step):
+        raise UserError(f"--sizes {min(sizes)}:{max(sizes)} holds no multiple of {rule}")
+
+
+def fingerprint(config: dict, options: dict) -> dict:
+    """What a trial's outcome depends on besides its spec, by dotted key or option: the
+    config's model, loss, train and lms sections, and the sweep's mode, executor and host
+    memory (``config`` and ``options`` as in ``results.json``)."""
+    found = {f"{section}.{key}": value for section in RESULT_SECTIONS
+             for key, value in config[section].items()}
+    found.update({flag: options[name] for name, flag in RESULT_OPTIONS.items()})
+    return json.loads(json.dumps(found))  # tuples as JSON has them: lists
 
 
 def default_out_dir(config):
@@ -193,9 +235,11 @@ class Sweep:
     def __init__(self, config, options, out_dir, resume=False):
         self.config, self.options, self.out_dir = config, options, Path(out_dir)
         self.trial_dir = self.out_dir / "trials"
-        if self.trial_dir.exists() and any(self.trial_dir.iterdir()) and not resume:
-            raise UserError(f"{self.out_dir} already holds a sweep; pass --resume to continue it "
-                            "or choose another --out")
+        if any(not path.name.startswith(".") for path in self.trial_dir.glob("*.json")):
+            if not resume:
+                raise UserError(f"{self.out_dir} already holds a sweep; pass --resume to "
+                                "continue it or choose another --out")
+            self._check_same_settings()
         self.trial_dir.mkdir(parents=True, exist_ok=True)
         self.trials, self.summary = [], []
         self.divisor = divisor(config.model.depth)
@@ -210,21 +254,52 @@ class Sweep:
         o = self.options
         self._on_trial = on_trial
         batches = [None] if o.fixed_size else o.batch_sizes
-        for budget in o.budgets:
-            for batch in batches:
-                for swap in o.lms:
-                    self.summary.append(self._search(budget, batch, swap))
-                    self._write()
-        plot_maxres(self.summary, self.out_dir / "max_voxels.png")
-        if any(t.step_time_s for t in self.trials):  # measured trials only
-            plot_step_times([t.to_dict() for t in self.trials], self.out_dir / "step_time.png")
+        with locking.exclusive(self.out_dir, "sweep"):
+            self._remove_leftovers()
+            write_text(self.out_dir / RECORD, json.dumps(
+                {"config": self.config.to_dict(), "options": asdict(o)}, indent=2) + "\n")
+            for budget in o.budgets:
+                for batch in batches:
+                    for swap in o.lms:
+                        self.summary.append(self._search(budget, batch, swap))
+                        self._write()
+            plot_maxres(self.summary, self.out_dir / "max_voxels.png")
+            if any(t.step_time_s for t in self.trials):  # measured trials only
+                plot_step_times([t.to_dict() for t in self.trials],
+                                self.out_dir / "step_time.png")
         return self.results()
+
+    def _check_same_settings(self):
+        """Refuse to resume trials made with a config or options that change their outcome
+        (:func:`fingerprint`); the settings come from ``sweep.json`` (or, from a sweep
+        written before it existed, ``results.json``)."""
+        record = next((path for path in (self.out_dir / RECORD, self.out_dir / "results.json")
+                       if path.exists()), None)
+        if record is None:
+            raise UserError(f"{self.out_dir}: cannot tell which config made its trials (no "
+                            f"{RECORD}); choose another --out")
+        recorded = json.loads(record.read_text())
+        before = fingerprint(recorded["config"], recorded["options"])
+        now = fingerprint(self.config.to_dict(), asdict(self.options))
+        changed = [f"{key} {before.get(key)} -> {now.get(key)}"
+                   for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+        if changed:
+            raise UserError(f"{self.out_dir} holds trials made with other settings "
+                            f"({'; '.join(changed)}); --resume needs the same config and "
+                            "--mode, --executor and --host-memory, or choose another --out")
+
+    def _remove_leftovers(self):
+        """Remove what a killed sweep left: its trial's request and result files and
+        half-written files (hidden temporary names beside the sweep's own files)."""
+        shutil.rmtree(self.out_dir / SCRATCH, ignore_errors=True)
+        for path in [*self.trial_dir.glob(".*.json"),
+                     *(p for name in OUTPUTS for p in self.out_dir.glob(f".{name}.*"))]:
+            path.unlink(missing_ok=True)
 
     def _search(self, budget, batch, swap):
         o = self.options
         if o.fixed_size:
-            ((_size, shape),) = scaled_shapes(self.config.data.shape, [o.fixed_size],
-                                              self.divisor)
+            shape = scaled_shape(self.config.data.shape, o.fixed_size, self.divisor)
             specs = [TrialSpec(shape, b, swap, budget) for b in o.batch_sizes]
         else:
             specs = [TrialSpec(shape, batch, swap, budget)
@@ -297,7 +372,8 @@ class Sweep:
                           status="ok" if fits else "oom", reason=limit or "",
                           source=f"simulated ({self.options.executor} executor order)")
         else:
-            trial = run_trial_process(self.config, spec, self.options.timeout_s)
+            trial = run_trial_process(self.config, spec, self.options.timeout_s,
+                                      self.out_dir / SCRATCH)
         if estimate is not None:
             trial.predicted_peak_bytes = int(estimate.peak_bytes)
             trial.extra.update(predicted_bound_bytes=int(estimate.bound_bytes),
@@ -349,17 +425,20 @@ def _trial_of(trials, spec):
     return next(t for t in trials if t.shape == list(spec.shape) and t.batch == spec.batch)
 
 
-def run_trial_process(config: Config, spec: TrialSpec, timeout_s: float) -> Trial:
+def run_trial_process(config: Config, spec: TrialSpec, timeout_s: float,
+                      workdir: Path | None = None) -> Trial:
     """Run one trial through the harness (a fresh process); classify how it ended.
 
     Trials with swapping build each batch inside the step and are profiled (their peak is
     device-attributed); trials without keep tf.data's prefetch under a capped allocator.
+    ``workdir``: where the trial's request and result files go (see
+    :func:`~lmstrain.planning.harness.run_trial`).
     """
     req = harness.request(config.to_dict(), spec.shape, spec.batch,
                           swap={} if spec.lms else None, budget_bytes=spec.device_memory_bytes,
                           batches="fresh" if spec.lms else "prefetched",
                           timed_steps=2, profile=spec.lms)
-    result = harness.run_trial(req, timeout_s)
+    result = harness.run_trial(req, timeout_s, workdir=workdir)
     base = {"shape": list(spec.shape), "size": spec.size, "batch": spec.batch, "lms": spec.lms,
             "device_memory_bytes": spec.device_memory_bytes}
     columns = {f.name for f in fields(Trial)}

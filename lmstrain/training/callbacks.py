@@ -7,8 +7,10 @@ import time
 import keras
 from tqdm import tqdm
 
+from lmstrain.errors import RunError
 from lmstrain.report import plot_history
-from lmstrain.training.rundir import HISTORY_COLUMNS
+from lmstrain.training.faults import fault_point
+from lmstrain.training.rundir import HISTORY_COLUMNS, writing
 
 log = logging.getLogger("lmstrain.training.fit")
 
@@ -16,7 +18,8 @@ MONITOR = "val_dice_mean"
 
 
 class RunRecorder(keras.callbacks.Callback):
-    """After each epoch: save ``last.keras`` (and ``best.keras``), history, state, plot, summary.
+    """After each epoch: save its checkpoint and history, commit state.json (the one atomic
+    step that makes the epoch count), then point last.keras/best.keras at it, plot, summary.
 
     Stops training at the first non-finite loss and then saves nothing, so the last checkpoint
     stays the last good one. ``nan_epoch`` tells which epoch it happened in.
@@ -25,8 +28,8 @@ class RunRecorder(keras.callbacks.Callback):
     def __init__(self, files, summary):
         super().__init__()
         self.files = files
-        self.state = files.read_json("checkpoints/state.json",
-                                     {"epoch": 0, "best_epoch": None, "best_value": None})
+        self.state = files.read_state() or {"epoch": 0, "checkpoint": None, "best_epoch": None,
+                                            "best_value": None, "best_checkpoint": None}
         self.history = files.read_history(self.state["epoch"])
         self.summary = summary
         self.nan_epoch = None
@@ -47,18 +50,24 @@ class RunRecorder(keras.callbacks.Callback):
         if self._stop_if_not_finite(logs, ("loss", "val_loss")):
             return
         epoch_number = epoch + 1
-        self.files.save_model(self.model, "last.keras")
+        checkpoint = f"epoch-{epoch_number:04d}.keras"
+        self.files.save_model(self.model, checkpoint)
+        state = dict(self.state, epoch=epoch_number, checkpoint=checkpoint)
         value = logs.get(MONITOR)
-        improved = value is not None and (self.state["best_value"] is None
-                                          or value > self.state["best_value"])
+        improved = value is not None and (state["best_value"] is None
+                                          or value > state["best_value"])
         if improved:
-            self.files.copy_checkpoint("last.keras", "best.keras")
-            self.state.update(best_epoch=epoch_number, best_value=float(value))
+            state.update(best_epoch=epoch_number, best_value=float(value),
+                         best_checkpoint=checkpoint)
         self.history.append(_history_row(epoch_number, logs))
         self.files.write_history(self.history)
-        self.state["epoch"] = epoch_number
-        self.files.write_json("checkpoints/state.json", self.state)
-        plot_history(self.history, self.files.run_dir / "progress.png")
+        fault_point("epoch-files-written")
+        self.files.commit(state)
+        self.state = state
+        fault_point("epoch-committed")
+        self.files.publish(state)
+        with writing(self.files.run_dir / "progress.png"):
+            plot_history(self.history, self.files.run_dir / "progress.png")
         self._write_summary()
         log.info("epoch %d/%d (%.0fs): %s%s", epoch_number, self.params["epochs"],
                  time.time() - self._epoch_started, _format_logs(logs),
@@ -71,6 +80,19 @@ class RunRecorder(keras.callbacks.Callback):
             self.nan_epoch = self.state["epoch"] + 1
             self.model.stop_training = True
         return self.nan_epoch is not None
+
+    def nan_error(self, learning_rate: float, mixed_precision: bool = False) -> RunError:
+        """The error for a run stopped by a non-finite loss: what was kept, and what to do."""
+        last = self.files.checkpoints / "last.keras"
+        kept = (f"the last good checkpoint, {last} (epoch {self.state['epoch']}), was kept"
+                if self.state["epoch"] and last.exists()
+                else "no epoch had finished, so no checkpoint was saved")
+        advice = f"lmstrain fit CONFIG --set train.learning_rate={learning_rate / 10:g}"
+        if mixed_precision:
+            advice += " --set train.mixed_precision=false"
+        return RunError(f"the loss became NaN in epoch {self.nan_epoch}; training stopped and "
+                        f"{kept}. --resume cannot change the learning rate: start a new run with "
+                        f"a lower one, e.g. `{advice}`")
 
     def finish(self, wall_time_s):
         """Add this session's wall time and write the final summary."""

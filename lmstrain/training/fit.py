@@ -13,15 +13,15 @@ import yaml
 from lmstrain.config import config_from_dict, require_data_root, save_config, swap_settings
 from lmstrain.data.brats import discover_cases
 from lmstrain.data.cache import VolumeCache
-from lmstrain.data.pipeline import make_dataset, prepare_cases
+from lmstrain.data.pipeline import input_errors, make_dataset, prepare_cases
 from lmstrain.data.preprocess import Settings
 from lmstrain.data.split import load_split, save_split, split_cases
-from lmstrain.errors import RunError, UserError
+from lmstrain.errors import UserError
 from lmstrain.lms import LMS, devices, split_cpu
 from lmstrain.model.training import training_model
 from lmstrain.training import memcheck
 from lmstrain.training.callbacks import EpochProgress, RunRecorder
-from lmstrain.training.rundir import RunFiles, create_run_dir
+from lmstrain.training.rundir import RunFiles, check_output_root, create_run_dir, writing
 
 log = logging.getLogger("lmstrain.training.fit")
 
@@ -34,6 +34,7 @@ class RunResult:
 
 def fit(config):
     """Train a new run for ``config``; return its :class:`RunResult`."""
+    check_output_root(config.output.root)
     prepare_devices(config)
     root = require_data_root(config)
     cases = discover_cases(root, config.data.layout)
@@ -42,24 +43,36 @@ def fit(config):
     cases = prepare_cases(cases, volume_cache(config), config.data.on_error)
     train_cases, val_cases = split_cases(cases, config.data.val_fraction, config.train.seed)
     run_dir = create_run_dir(config.output.root, config.output.name or "run")
-    save_config(config, run_dir / "config.yaml")
-    save_split(run_dir / "split.json", train_cases, val_cases, config.train.seed)
-    log.info("Run directory: %s", run_dir)
-    log.info("%d cases: %d for training, %d for validation", len(cases), len(train_cases),
-             len(val_cases))
-    return _train(config, RunFiles(run_dir), train_cases, val_cases)
+    files = RunFiles(run_dir)
+    with files.lock():
+        with writing(run_dir / "config.yaml"):
+            save_config(config, run_dir / "config.yaml")
+        with writing(run_dir / "split.json"):
+            save_split(run_dir / "split.json", train_cases, val_cases, config.train.seed)
+        log.info("Run directory: %s", run_dir)
+        log.info("%d cases: %d for training, %d for validation", len(cases), len(train_cases),
+                 len(val_cases))
+        return _train(config, files, train_cases, val_cases)
 
 
 def resume(run_dir, overrides=()):
     """Continue the run in ``run_dir`` from its last finished epoch.
 
-    ``overrides`` (``--set`` strings) may change only ``train.epochs``.
+    ``overrides`` (``--set`` strings) may change only ``train.epochs``. Holds the run
+    directory's lock: a second process on the same run is refused before it writes anything.
     """
     files = RunFiles(run_dir)
-    state = files.read_json("checkpoints/state.json")
-    if state is None or not (files.checkpoints / "last.keras").exists():
-        raise UserError(f"{run_dir} has no finished epoch to resume from; start a new run with "
-                        "`lmstrain fit`")
+    if not (files.checkpoints / "state.json").exists():
+        raise _no_epoch_to_resume(run_dir)
+    with files.lock():
+        return _resume_locked(files, overrides)
+
+
+def _resume_locked(files, overrides):
+    run_dir = files.run_dir
+    state = files.read_state()
+    if not (files.checkpoints / state["checkpoint"]).exists():
+        raise _no_epoch_to_resume(run_dir)
     saved = yaml.safe_load((files.run_dir / "config.yaml").read_text())
     config = config_from_dict(saved, overrides)
     _check_only_epochs_changed(config_from_dict(saved).to_dict(), config.to_dict())
@@ -70,9 +83,15 @@ def resume(run_dir, overrides=()):
     cases = discover_cases(require_data_root(config), config.data.layout)
     train_cases, val_cases = load_split(files.run_dir / "split.json", cases)
     prepare_cases(train_cases + val_cases, volume_cache(config), "fail")
-    save_config(config, files.run_dir / "config.yaml")
+    with writing(files.run_dir / "config.yaml"):
+        save_config(config, files.run_dir / "config.yaml")
     log.info("Resuming %s after epoch %d of %d", run_dir, state["epoch"], config.train.epochs)
     return _train(config, files, train_cases, val_cases)
+
+
+def _no_epoch_to_resume(run_dir):
+    return UserError(f"{run_dir} has no finished epoch to resume from; start a new run with "
+                    "`lmstrain fit`")
 
 
 def prepare_devices(config):
@@ -118,10 +137,12 @@ def _train(config, files, train_cases, val_cases):
         "n_train_cases": len(train_cases), "n_validation_cases": len(val_cases)}
     recorder = RunRecorder(files, summary)
     if recorder.epochs_completed:
+        files.publish(recorder.state)  # a kill may have come between state.json and last.keras
         model.optimizer.build(model.trainable_variables)
-        model.load_weights(files.checkpoints / "last.keras")
+        model.load_weights(files.checkpoints / recorder.state["checkpoint"])
     else:
-        initial = model.evaluate(val_ds, verbose=0, return_dict=True)
+        with input_errors():
+            initial = model.evaluate(val_ds, verbose=0, return_dict=True)
         summary["initial_metrics"] = {f"val_{k}": float(v) for k, v in initial.items()}
         log.info("Untrained model: val_dice_mean %.4f", initial["dice_mean"])
 
@@ -137,8 +158,10 @@ def _train(config, files, train_cases, val_cases):
         callbacks.append(swap)
     device = f"/{memory.device}"
     memcheck.reset_peak(device)
-    model.fit(train_ds, epochs=t.epochs, initial_epoch=recorder.epochs_completed,
-              steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks, verbose=0)
+    with input_errors():
+        model.fit(train_ds, epochs=t.epochs, initial_epoch=recorder.epochs_completed,
+                  shuffle=False, steps_per_epoch=steps, validation_data=val_ds,
+                  callbacks=callbacks, verbose=0)
     recorder.summary["memory"] = memory.record(*memcheck.measured_peak(device))
     if swap:
         files.write_json("lms_plan.json", swap.plan_report())
@@ -147,10 +170,7 @@ def _train(config, files, train_cases, val_cases):
                                    if swap.plans else 0}
     recorder.finish(time.time() - started)
     if recorder.nan_epoch is not None:
-        raise RunError(
-            f"the loss became NaN in epoch {recorder.nan_epoch}; training stopped and the last "
-            f"good checkpoint ({files.checkpoints / 'last.keras'}) was kept. Lower "
-            "train.learning_rate (or turn off train.mixed_precision) and resume")
+        raise recorder.nan_error(t.learning_rate, t.mixed_precision)
     return RunResult(files.run_dir, recorder.summary)
 
 
