@@ -116,3 +116,32 @@ def test_data_check_lists_files_that_match_no_case(tmp_path):
            "brats2021 layout)" in result.output
     assert "ignored:  extra/mask.nii" in result.output
     assert "notes.txt" not in result.output
+
+
+FILL_CACHE = """
+import sys
+from lmstrain.data.brats import discover_cases
+from lmstrain.data.cache import VolumeCache
+from lmstrain.data.pipeline import prepare_cases
+from lmstrain.data.preprocess import Settings
+prepare_cases(discover_cases(sys.argv[1]), VolumeCache(sys.argv[2], Settings((16, 16, 16))))
+"""
+
+
+def test_two_processes_filling_one_cache_leave_every_entry_whole(brats2021_root, tmp_path):
+    import subprocess
+    import sys
+
+    cache_dir = tmp_path / "shared"
+    fills = [subprocess.Popen([sys.executable, "-c", FILL_CACHE, str(brats2021_root),
+                               str(cache_dir)], stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for fill in fills:
+        assert fill.wait(timeout=300) == 0, fill.stderr.read()
+    cache = VolumeCache(cache_dir, SETTINGS)
+    cases = discover_cases(brats2021_root)
+    assert sorted(p.name for p in cache_dir.glob("*.npz")) == sorted(
+        cache.path(c).name for c in cases)  # one entry per case, no temporary left behind
+    for case in cases:
+        assert cache.has(case)
+        assert_fresh(cache, case)
