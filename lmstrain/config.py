@@ -405,18 +405,29 @@ def _check_range(value, meta, path):
             raise ConfigError(f"{path}: must be greater than {meta['gt']}, got {value!r}")
 
 
+def divisor(depth: int) -> int:
+    """Every input edge must be a multiple of this for a U-Net of ``depth`` levels."""
+    return 2 ** (depth - 1)
+
+
+def misfit_edges(shape, depth: int) -> tuple[list[int], list[int]]:
+    """The edges of ``shape`` a U-Net of ``depth`` levels cannot take, and the nearest edges
+    that work (both empty when the shape fits)."""
+    d = divisor(depth)
+    bad = [s for s in shape if s % d or s < d]
+    near = sorted({max(d, s // d * d) for s in bad} | {(s // d + 1) * d for s in bad})
+    return bad, near
+
+
 def _check_shape(config):
-    """``data.shape`` must suit the network: every edge a multiple of 2**(model.depth - 1)."""
+    """``data.shape`` must suit the network (:func:`misfit_edges`)."""
     shape, depth = config.data.shape, config.model.depth
-    step = 2 ** (depth - 1)
-    bad = [s for s in shape if s % step]
+    bad, near = misfit_edges(shape, depth)
     if bad:
-        near = sorted({max(step, s // step * step) for s in bad}
-                      | {(s // step + 1) * step for s in bad})
         raise ConfigError(
             f"data.shape: {shape} does not fit {config.model.name} with model.depth {depth}: "
-            f"every edge must be a multiple of {step}; {', '.join(map(str, bad))} is not "
-            f"(nearest that work: {', '.join(map(str, near))})")
+            f"every edge must be a multiple of {divisor(depth)}; {', '.join(map(str, bad))} is "
+            f"not (nearest that work: {', '.join(map(str, near))})")
 
 
 def _check_run_name(name):

@@ -4,11 +4,9 @@ import logging
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from nifti import save
-from test_layouts import write_brats
+from test_layouts import check, write_brats
 
-from lmstrain.cli import main
 from lmstrain.data.brats import discover_cases
 from lmstrain.data.cache import VolumeCache
 from lmstrain.data.pipeline import make_dataset, prepare_cases
@@ -78,13 +76,6 @@ def test_an_error_in_a_tf_data_worker_surfaces_as_one_data_error(tmp_path):
                                         r"BraTS2021_00002_t1.nii.gz"):
         with input_errors():
             next(iter(dataset))
-
-
-def check(root, *sets):
-    config = root.parent / "check.yaml"
-    config.write_text(f"data:\n  root: {root}\n")
-    args = ["data", "check", str(config)] + [a for s in sets for a in ("--set", s)]
-    return CliRunner().invoke(main, args)
 
 
 def test_data_check_rejects_an_all_zero_case_as_fit_does(tmp_path):

@@ -7,6 +7,7 @@ Both take ``(X, Y, Z, 4)`` inputs (channels_last) and return one sigmoid output 
 import keras
 from keras import layers
 
+from lmstrain.config import divisor, misfit_edges
 from lmstrain.errors import ConfigError
 
 N_CHANNELS = 4
@@ -28,20 +29,14 @@ def build_model(config, input_shape=None):
     return unet(shape, base_filters=m.base_filters, depth=m.depth, norm=m.norm)
 
 
-def divisor(depth):
-    """Every input edge must be a multiple of this for a network of ``depth`` levels."""
-    return 2 ** (depth - 1)
-
-
 def check_input_shape(shape, depth, name="the network"):
-    d = divisor(depth)
-    bad = [s for s in shape if s % d or s < d]
+    """Raise :class:`ConfigError` when a network of ``depth`` levels cannot take ``shape``."""
+    bad, near = misfit_edges(shape, depth)
     if bad:
-        near = sorted({max(d, s // d * d) for s in bad} | {(s // d + 1) * d for s in bad})
         raise ConfigError(
             f"data.shape {list(shape)}: {name} with depth {depth} needs every edge to be a "
-            f"multiple of {d}; {', '.join(map(str, bad))} is not (nearest that work: "
-            f"{', '.join(map(str, near))})")
+            f"multiple of {divisor(depth)}; {', '.join(map(str, bad))} is not (nearest that "
+            f"work: {', '.join(map(str, near))})")
 
 
 def isensee2017(input_shape, base_filters=16, depth=5, dropout=0.3, norm="instance",
