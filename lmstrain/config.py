@@ -74,6 +74,9 @@ class ModelConfig:
                           max=0.9)
     deep_supervision: bool = _key(True, "Sum segmentation outputs of the 3 finest decoder levels "
                                         "(isensee2017).")
+    split_concat: bool = _key(False, "Compute each decoder conv over [skip, upsampled] as the sum "
+                                     "of convs over the two parts: the same layer and weights, "
+                                     "no concatenated tensor (less memory).")
 
 
 @dataclass

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from keras import layers
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+from tensorflow.python.eager import context
 
 from lmstrain.lms import LMS, record_graphs, verify_swaps
 from lmstrain.model.unet3d import isensee2017
@@ -164,6 +166,26 @@ def test_process_wide_changes_are_undone_when_training_ends():
     assert auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS == before
     assert "DeepCopy" not in before
     assert lms.model.jit_compile is True
+    assert memory_optimization() == rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT
+
+
+def memory_optimization():
+    """The Grappler memory optimizer setting of this thread's function calls."""
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    return config.graph_options.rewrite_options.memory_optimization
+
+
+def test_grappler_memory_optimizer_is_off_while_training():
+    seen = []
+    probe = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: seen.append(memory_optimization()))
+    lms = LMS(host_device=HOST)
+    model = branched_3d()
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(*volumes(4, 8, 2, 1), batch_size=2, epochs=1, verbose=0, callbacks=[lms, probe])
+    assert seen and set(seen) == {rewriter_config_pb2.RewriterConfig.NO_MEM_OPT}
+    assert memory_optimization() == rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT
 
 
 def test_compute_equal_to_host_leaves_graph_alone(caplog):

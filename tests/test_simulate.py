@@ -63,20 +63,30 @@ def test_cpu_executor_runs_depth_first_and_gpu_breadth_first():
         "root", "a", "b", "shape", "a2"]
 
 
-def test_host_nodes_wait_until_the_device_has_nothing_else_to_run():
+def test_host_nodes_run_once_the_device_has_no_inline_work():
     flow = Dataflow([
         node("act", "Relu", out=4),
+        node("cheap", "Reshape", ["act:0"], 4, expensive=False),
         node("next", "Conv3D", ["act:0"], 4),
         node("swap_out", "DeepCopy", ["act:0"], 4),
         node("last", "Conv3D", ["next:0"], 4),
     ], {}, {}, [])
-    flow.nodes[2].on_host = True
-    # One executor: the swap-out is the last ready sibling, so it runs inline first.
-    assert [n.name for n in schedule.executor_order(flow)] == ["act", "swap_out", "next",
-                                                               "last"]
-    # The host's own executor: its work waits behind the device's.
-    assert [n.name for n in schedule.executor_order(flow, host_last=True)] == [
-        "act", "next", "last", "swap_out"]
+    flow.nodes[3].on_host = True
+    # One executor: the swap-out is the last ready sibling, so it runs inline before "next",
+    # which goes to the pool because the cheap Reshape is queued inline.
+    assert [n.name for n in schedule.executor_order(flow)] == [
+        "act", "cheap", "swap_out", "next", "last"]
+    # The host's own executor: its _Send runs inline after the Reshape and puts the swap-out at
+    # the pool's front, ahead of "next", which went there first.
+    assert [n.name for n in schedule.executor_order(flow, host_sends=True)] == [
+        "act", "cheap", "swap_out", "next", "last"]
+    # A chain the inline queue goes on with (cheap2, then next2 inline as the queue is empty)
+    # runs first; the swap-out waits at the pool's front.
+    flow = Dataflow(flow.nodes[:2] + [node("cheap2", "Reshape", ["cheap:0"], 4, expensive=False),
+                                      node("next2", "Conv3D", ["cheap2:0"], 4)]
+                    + flow.nodes[2:], {}, {}, [])
+    assert [n.name for n in schedule.executor_order(flow, host_sends=True)] == [
+        "act", "cheap", "cheap2", "next2", "swap_out", "next", "last"]
 
 
 def test_rewritten_convolution_gradients_are_ordered_as_tensorflow_lists_them():

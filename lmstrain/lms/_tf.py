@@ -1,8 +1,8 @@
 """The only place that uses private TensorFlow APIs.
 
 Graph editing (``Operation._update_input``, ``_add_control_input``, ``_id``), the automatic
-control dependency skip-list, the eager context's graph collection, and the device list with
-memory limits. All are stable across TF 2.x but undocumented; a TF upgrade should only need
+control dependency skip-list, the eager context's graph collection and function-call options,
+and the device list with memory limits. All are stable across TF 2.x but undocumented; a TF upgrade should only need
 this module checked.
 """
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.client import device_lib
 from tensorflow.python.eager import context
 from tensorflow.python.framework import auto_control_deps
@@ -45,6 +46,31 @@ def order_insensitive(op_type: str) -> Iterator[None]:
         yield
     finally:
         auto_control_deps.SKIPPED_ORDER_INSENSITIVE_STATEFUL_OPS = before
+
+
+@contextmanager
+def without_memory_optimizer() -> Iterator[None]:
+    """Inside the block, functions first called from this thread are optimised without
+    Grappler's memory optimizer; the thread's function-call options are restored at the end.
+
+    When its estimate of a device's peak exceeds 80% of the device's memory, the optimizer
+    turns ``AddN`` ops into running sums whose zero-filled initial value Grappler then folds
+    into a constant, held on the device for as long as the function lives. A swapped step
+    lands its estimated peak in the backward pass, where the gradient sums are, so the
+    rewrite fires there (and on logical CPUs, which report 256 MiB each, at small sizes).
+    """
+    options = context.context().function_call_options
+    before = config_pb2.ConfigProto()
+    before.ParseFromString(options.config_proto_serialized)
+    config = config_pb2.ConfigProto()
+    config.CopyFrom(before)
+    config.graph_options.rewrite_options.memory_optimization = (
+        rewriter_config_pb2.RewriterConfig.NO_MEM_OPT)
+    options.config_proto_serialized = config
+    try:
+        yield
+    finally:
+        options.config_proto_serialized = before
 
 
 def start_graph_collection():

@@ -76,6 +76,9 @@ class LMS(keras.callbacks.Callback):
     rewrites (add chains into AddN, associative reordering, Div/Sqrt, Square/Sub, Log/Softmax)
     possible, so training rounds as without swapping; other Grappler rewrites a swap may stop
     can change the rounding at float precision, never what is computed (see the README).
+    While training, Grappler's memory optimizer is off (the swap plan manages memory; its
+    running sums would leave a constant on the device, see
+    :func:`lmstrain.lms._tf.without_memory_optimizer`).
 
     After training, ``plans`` holds one :class:`~lmstrain.lms.plan.SwapPlan` per traced
     function, ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each (verify=True) and
@@ -160,6 +163,7 @@ class LMS(keras.callbacks.Callback):
             model.jit_compile = False
         if self.copy_mode == "deepcopy":
             self._restore.enter_context(_tf.order_insensitive("DeepCopy"))
+        self._restore.enter_context(_tf.without_memory_optimizer())
         if not self._wrapped():  # still wrapped if a previous fit raised
             model.train_step = self._wrap(model.train_step)
         model.make_train_function(force=True)
@@ -233,8 +237,8 @@ class LMS(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         """Check the remaining plans, give the model back its own training step, and undo the
-        process-wide changes made for training (XLA off, DeepCopy ordering, graph
-        collection)."""
+        process-wide changes made for training (XLA off, DeepCopy ordering, the memory
+        optimizer off, graph collection)."""
         if not self._wrapped():
             return
         if self.verify:

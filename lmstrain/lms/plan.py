@@ -7,7 +7,7 @@ are grouped (``swapin_groupby`` levels) and each group gets one swap-in, trigger
 op ``swapin_ahead`` levels before the group's first consumer. In ``swapout`` sync mode the
 weight reads the forward pass needs next wait for the swap-out, so the original is freed early.
 
-Five additions to TFLMS's rules cut the peak of U-Nets:
+Six additions to TFLMS's rules cut the peak of U-Nets:
 
 - the step's inputs (the batch) are swapped like activations: the first layer's filter
   gradient reads the image at the very end of the backward pass, so without a swap the batch
@@ -25,6 +25,12 @@ Five additions to TFLMS's rules cut the peak of U-Nets:
   other inputs (a convolution's input gradient, sibling of the filter gradient that reads the
   swapped-in activation) wait for the consumer. Without this, TensorFlow's CPU executor runs the
   filter gradients last, holding every swapped-in activation until the end of the step.
+- a large backward tensor's small readers run first: a reader that needs nothing but the
+  tensor (and weights, constants or shapes) and makes less than it reads (the slice of a
+  concatenation's gradient that goes to the skip connection, the sum behind an upsampling's
+  gradient) is ordered before the tensor's other readers. Without this, TensorFlow's CPU
+  executor runs such a reader when the tensor's chain is long done, holding the whole tensor
+  meanwhile (the gradient of the decoder's top concatenation, for most of the backward pass).
 
 Swaps keep Grappler's arithmetic rewrites possible, so that training rounds as it does without
 swapping: ops in a group of adds (or of one associative op) that Grappler merges get no control
@@ -79,6 +85,11 @@ MERGED_PAIRS = (
     ({"Sqrt"}, {"Div", "RealDiv", "Xdivy"}), ({"Sub"}, {"Square"}), ({"Softmax"}, {"Log"}),
 )
 CONTROL_SENSITIVE_PAIRS = MERGED_PAIRS[:4]
+# Ops whose output shares its input's buffer, and ops whose outputs are there from the start
+# of the step or cost nothing to compute (weights, constants, shapes).
+ALIAS_TYPES = frozenset({"Reshape", "Identity", "Squeeze", "ExpandDims", "Snapshot"})
+READY_TYPES = frozenset({"Const", "ReadVariableOp", "VarHandleOp", "ConcatOffset",
+                         "BroadcastGradientArgs"}) | SHAPE_ONLY_TYPES
 # Grappler's model pruner removes these between two ops before the arithmetic optimizer runs.
 PRUNED_TYPES = frozenset({"Identity", "StopGradient"})
 
@@ -134,6 +145,8 @@ class SwapPlan:
     n_levels: int
     swapped: list[SwappedTensor] = field(default_factory=list)
     skipped: list[SkippedTensor] = field(default_factory=list)
+    # ``[first, then]`` pairs: ``then`` waits for ``first`` (a large tensor's small readers)
+    orderings: list[list[str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -156,6 +169,7 @@ class SwapPlan:
             "swap_outs": len(self.swapped),
             "swap_ins": len(self.swap_ins),
             "skipped_tensors": len(self.skipped),
+            "orderings": len(self.orderings),
         }
 
     def summary(self):
@@ -210,6 +224,8 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
             if reason is not None:
                 plan.skipped.append(SkippedTensor(tensor.name, op.name, size, reason))
     _free_before_siblings(step, plan, settings, compute_device, members)
+    if plan.swapped:
+        _read_early(step, plan, settings, compute_device, members)
     return plan
 
 
@@ -338,9 +354,22 @@ def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, 
                 f"before its consumers to trigger a swap-in")
     waits = []
     if settings.sync_mode in SYNC_SWAPOUT:
+        # A step input whose readers are all far (the targets, read by the loss) waits for the
+        # network's first layers, as the image does.
+        sources = [t for op in step.input_ops for t in op.outputs] if (
+            producer in step.input_ops) else [tensor]
         frontier = near if step.phase[producer] == BACKWARD else [
-            c for c in _consumers(tensor) if step.phase.get(c) == FORWARD and c not in ahead]
-        waits = [op.name for op in _swap_out_gates(step, tensor, compute_device, frontier)]
+            c for t in sources for c in _consumers(t)
+            if step.phase.get(c) == FORWARD and c not in ahead]
+        gates = _swap_out_gates(step, tensor, compute_device, frontier, members=members)
+        waits = [op.name for op in gates]
+        # Small readers of the original run before the gates, or they would hold it (the
+        # loss's sum over the targets, which the executor runs after the whole forward pass).
+        for reader in frontier:
+            if (reader not in gates and reader not in members
+                    and sum(step.tensor_bytes(t) or size for t in reader.outputs) < size
+                    and _ready_with(step, reader, {tensor.name}, producer)):
+                plan.orderings.extend([reader.name, gate.name] for gate in gates)
     plan.swapped.append(SwappedTensor(
         tensor=tensor.name, producer=producer.name, producer_type=producer.type,
         shape=tensor.shape.as_list(), dtype=tensor.dtype.name, bytes=size, swap_ins=swap_ins,
@@ -348,7 +377,8 @@ def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, 
     return None
 
 
-def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8):
+def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8,
+                    members=frozenset()):
     """Weight reads the pass needs soon after ``tensor``; they wait for its swap-out.
 
     Gating the consumers themselves would give them control inputs, which stops Grappler from
@@ -356,6 +386,9 @@ def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8):
     Variable reads are never rewritten, so gating the reads of the consumers (or, for consumers
     without weights, of their nearest weighted descendants) stalls the pass until the swap-out
     is done without changing any result. ``frontier`` defaults to the forward consumers.
+    In the backward pass the weight reads are the forward pass's, done long before; there the
+    gates are the nearest consumers themselves that are in no arithmetic group (see
+    :func:`_arithmetic_groups`), so the gradient is on the host before the pass goes on.
     """
     phase = step.phase[tensor.op]
     upstream = ancestors([tensor.op])  # a read the producer needs cannot wait for it
@@ -368,6 +401,10 @@ def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8):
                 if (read not in gates and read not in upstream
                         and devices.runs_on(read, compute_device)):
                     gates.append(read)
+            if (phase == BACKWARD and op not in gates and op not in members
+                    and op.type not in NEVER_TRIGGER_TYPES
+                    and devices.runs_on(op, compute_device)):
+                gates.append(op)
         if gates:
             return gates
         frontier = [c for op in frontier for t in op.outputs for c in _consumers(t)
@@ -411,8 +448,8 @@ def _free_before_siblings(step, plan, settings, compute_device, members=frozense
 
 
 def _drop_cyclic_pairs(step, plan):
-    """Remove ``frees_before`` pairs on cycles until none is left (other cycles are reported by
-    :func:`~lmstrain.lms.rewrite.check_acyclic`)."""
+    """Remove ``frees_before`` and ``orderings`` pairs on cycles until none is left (other
+    cycles are reported by :func:`~lmstrain.lms.rewrite.check_acyclic`)."""
     while True:
         cycle = find_cycle(step, plan)
         if not cycle:
@@ -423,8 +460,79 @@ def _drop_cyclic_pairs(step, plan):
             kept = [p for p in swap_in.frees_before if tuple(p) not in edges]
             dropped |= len(kept) != len(swap_in.frees_before)
             swap_in.frees_before = kept
+        kept = [p for p in plan.orderings if tuple(p) not in edges]
+        dropped |= len(kept) != len(plan.orderings)
+        plan.orderings = kept
         if not dropped:
             return
+
+
+def _read_early(step, plan, settings, compute_device, members=frozenset()):
+    """Order the small readers of each large backward tensor before its other readers (see the
+    module docstring).
+
+    The ops that wait for a small reader are the tensor's other readers and, when those are
+    small readers too, their consumers. A reader qualifies when it runs on the compute device, is in no arithmetic group, makes
+    fewer bytes than the tensor, and each of its other inputs is a weight, a constant, a shape
+    or computed before the tensor, so waiting for it never waits for anything else; a reader
+    that reads a swap-in of the tensor does not. Readers are found through ops whose output
+    aliases the tensor (``ALIAS_TYPES``).
+    """
+    swapped_in = {(s.tensor, c) for s in plan.swapped for i in s.swap_ins for c in i.consumers}
+    for op in step.ops:
+        if (step.phase[op] != BACKWARD or op not in step.useful
+                or not devices.runs_on(op, compute_device)):
+            continue
+        for tensor in op.outputs:
+            size = step.tensor_bytes(tensor)
+            if not size or size < max(settings.min_tensor_bytes, 1):
+                continue
+            views, readers = _readers(step, tensor)
+            early = [r for r in readers
+                     if r not in members and devices.runs_on(r, compute_device)
+                     and sum(step.tensor_bytes(t) or size for t in r.outputs) < size
+                     and (tensor.name, r.name) not in swapped_in
+                     and _ready_with(step, r, views, op)]
+            late = [r for r in readers if r not in early and r not in members]
+            for first in early:
+                after = [c for r in early if r is not first for c in _data_consumers(step, r)
+                         if step.phase.get(c) == BACKWARD and c not in members]
+                for then in [op for op in late + after if op.type not in NEVER_TRIGGER_TYPES]:
+                    pair = [first.name, then.name]
+                    if pair not in plan.orderings:
+                        plan.orderings.append(pair)
+    _drop_cyclic_pairs(step, plan)
+
+
+def _readers(step, tensor):
+    """``(views, readers)``: the names of the tensors that alias ``tensor`` (its own included)
+    and the backward ops that read one of them, other than ``ALIAS_TYPES`` and shape reads."""
+    views, readers, queue = {tensor.name}, [], [tensor]
+    while queue:
+        for consumer in _consumers(queue.pop()):
+            if (consumer not in step.useful or consumer.type in SHAPE_ONLY_TYPES
+                    or step.phase.get(consumer) != BACKWARD):
+                continue
+            if consumer.type in ALIAS_TYPES and len(consumer.outputs) == 1:
+                views.add(consumer.outputs[0].name)
+                queue.append(consumer.outputs[0])
+            elif consumer not in readers:
+                readers.append(consumer)
+    return views, readers
+
+
+def _ready_with(step, reader, views, producer):
+    """True if ``reader`` needs nothing but ``views`` and what is there before ``producer``
+    (or computed from constants only)."""
+    upstream = None
+    for t in reader.inputs:
+        if t.name in views or t.op.type in READY_TYPES or t.op in step.folded:
+            continue
+        if upstream is None:
+            upstream = ancestors([producer])
+        if t.op not in upstream:
+            return False
+    return True
 
 
 def _weight_reads(op):
@@ -529,6 +637,8 @@ def find_cycle(step, plan):
                 edge(back, name)
             for first, then in swap_in.frees_before:
                 edge(first, then)
+    for first, then in plan.orderings:
+        edge(first, then)
     return _find_cycle(successors)
 
 

@@ -5,7 +5,8 @@ group on the compute device, under the absolute name scope ``<producer>/lms/t<tr
 grouped consumers read the swap-in instead of the original; the swap-in waits for its
 trigger ops; in ``swapout`` sync mode the producer's forward consumers wait for the swap-out so
 the original can be freed as soon as the forward pass is done with it; the ops a swap-in
-``frees_before`` wait for its consumers, so the copy is freed before they allocate.
+``frees_before`` wait for its consumers, so the copy is freed before they allocate; the second
+op of each of the plan's ``orderings`` waits for the first.
 """
 
 import tensorflow as tf
@@ -51,6 +52,9 @@ def apply_plan(step: StepGraph, plan: SwapPlan) -> None:
                                                   graph.get_operation_by_name(first))
             for name in swapped.wait_for_swap_out:
                 _tf.add_control_input(graph.get_operation_by_name(name), host_copy.op)
+        for first, then in plan.orderings:
+            _tf.add_control_input(graph.get_operation_by_name(then),
+                                  graph.get_operation_by_name(first))
 
 
 def swap_scope(trace, tensor_name):

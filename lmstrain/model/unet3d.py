@@ -9,6 +9,7 @@ from keras import layers
 
 from lmstrain.config import divisor, misfit_edges
 from lmstrain.errors import ConfigError
+from lmstrain.model.layers import SplitConcatConv3D
 
 N_CHANNELS = 4
 N_REGIONS = 3
@@ -25,8 +26,10 @@ def build_model(config, input_shape=None):
     check_input_shape(shape, m.depth, m.name)
     if m.name == "isensee2017":
         return isensee2017(shape, base_filters=m.base_filters, depth=m.depth, dropout=m.dropout,
-                           norm=m.norm, deep_supervision=m.deep_supervision)
-    return unet(shape, base_filters=m.base_filters, depth=m.depth, norm=m.norm)
+                           norm=m.norm, deep_supervision=m.deep_supervision,
+                           split_concat=m.split_concat)
+    return unet(shape, base_filters=m.base_filters, depth=m.depth, norm=m.norm,
+                split_concat=m.split_concat)
 
 
 def check_input_shape(shape, depth, name="the network"):
@@ -40,13 +43,14 @@ def check_input_shape(shape, depth, name="the network"):
 
 
 def isensee2017(input_shape, base_filters=16, depth=5, dropout=0.3, norm="instance",
-                deep_supervision=True):
+                deep_supervision=True, split_concat=False):
     """The BraTS 2017 network of Isensee et al., as in the Keras 3DUnetCNN code.
 
     Each level: a 3x3x3 conv (stride 2 below the top), then a context module (conv block,
     spatial dropout, conv block) added back residually. Decoder: upsample + conv, concatenate
     the skip, localisation module (3x3x3 then 1x1x1 conv blocks). Deep supervision sums 1x1x1
     segmentation outputs of the three finest decoder levels, upsampled, before the sigmoid.
+    ``split_concat``: see :func:`skip_join`.
     """
     inputs = keras.Input((*input_shape, N_CHANNELS), name="image")
     x, skips = inputs, []
@@ -67,7 +71,7 @@ def isensee2017(input_shape, base_filters=16, depth=5, dropout=0.3, norm="instan
         name = f"dec{level}"
         x = layers.UpSampling3D(2, name=f"{name}_upsample")(x)
         x = conv_block(x, filters, norm=norm, name=f"{name}_up")
-        x = layers.Concatenate(name=f"{name}_concat")([skips[level], x])
+        x = skip_join(skips[level], x, split_concat, name=f"{name}_concat")
         x = conv_block(x, filters, norm=norm, name=f"{name}_loc1")
         x = conv_block(x, filters, kernel_size=1, norm=norm, name=f"{name}_loc2")
         if level < n_supervised:
@@ -81,8 +85,9 @@ def isensee2017(input_shape, base_filters=16, depth=5, dropout=0.3, norm="instan
     return keras.Model(inputs, out, name="isensee2017")
 
 
-def unet(input_shape, base_filters=16, depth=5, norm="instance"):
-    """A plain 3D U-Net: two conv blocks per level, max-pooling, transposed-conv upsampling."""
+def unet(input_shape, base_filters=16, depth=5, norm="instance", split_concat=False):
+    """A plain 3D U-Net: two conv blocks per level, max-pooling, transposed-conv upsampling.
+    ``split_concat``: see :func:`skip_join`."""
     inputs = keras.Input((*input_shape, N_CHANNELS), name="image")
     x, skips = inputs, []
     for level in range(depth):
@@ -95,7 +100,7 @@ def unet(input_shape, base_filters=16, depth=5, norm="instance"):
     for level in range(depth - 2, -1, -1):
         filters = base_filters * 2**level
         x = layers.Conv3DTranspose(filters, 2, strides=2, name=f"dec{level}_up")(x)
-        x = layers.Concatenate(name=f"dec{level}_concat")([skips[level], x])
+        x = skip_join(skips[level], x, split_concat, name=f"dec{level}_concat")
         x = conv_block(x, filters, norm=norm, activation="relu", name=f"dec{level}_conv1")
         x = conv_block(x, filters, norm=norm, activation="relu", name=f"dec{level}_conv2")
     x = layers.Conv3D(N_REGIONS, 1, name="seg")(x)
@@ -103,11 +108,29 @@ def unet(input_shape, base_filters=16, depth=5, norm="instance"):
     return keras.Model(inputs, out, name="unet")
 
 
+def skip_join(skip, up, split_concat, name):
+    """The decoder's join of a skip connection and the upsampled tensor, for the conv block
+    that follows: their concatenation, or with ``split_concat`` the pair ``[skip, up]``, which
+    :func:`conv_block` convolves without concatenating (:class:`SplitConcatConv3D`, the same
+    layer with the same weights)."""
+    if split_concat:
+        return [skip, up]
+    return layers.Concatenate(name=name)([skip, up])
+
+
 def conv_block(x, filters, kernel_size=3, strides=1, norm="instance", activation="leaky_relu",
                name=None):
-    """Conv3D -> normalisation -> activation (LeakyReLU 0.01 or ReLU)."""
-    x = layers.Conv3D(filters, kernel_size, strides=strides, padding="same",
-                      use_bias=norm == "none", name=f"{name}_conv")(x)
+    """Conv3D -> normalisation -> activation (LeakyReLU 0.01 or ReLU).
+
+    ``x`` may be a pair ``[skip, up]`` (:func:`skip_join`): the conv is then the Conv3D of
+    their concatenation computed as :class:`SplitConcatConv3D` (stride 1).
+    """
+    use_bias = norm == "none"
+    if isinstance(x, list):
+        x = SplitConcatConv3D(filters, kernel_size, use_bias=use_bias, name=f"{name}_conv")(x)
+    else:
+        x = layers.Conv3D(filters, kernel_size, strides=strides, padding="same",
+                          use_bias=use_bias, name=f"{name}_conv")(x)
     if norm == "instance":
         x = layers.GroupNormalization(groups=-1, name=f"{name}_norm")(x)
     elif norm == "batch":

@@ -87,8 +87,9 @@ def estimate(flow, executor="cpu", device_memory=None, weight_bytes=0, plan=None
     timeline = liveness.replay(flow, schedule.executor_order(flow, late, cpu))
     resident = sum(flow.resident.values())
     grappler_memory = GRAPPLER_CPU_MEMORY if executor == "cpu" else device_memory
-    accumulated = []
-    if grappler_memory and resident + timeline.peak_bytes > GRAPPLER_ADDN_SHARE * grappler_memory:
+    accumulated = []  # with a plan, the LMS callback has turned the memory optimizer off
+    if (plan is None and grappler_memory
+            and resident + timeline.peak_bytes > GRAPPLER_ADDN_SHARE * grappler_memory):
         live = {t.tensor for t in timeline.live}
         accumulated = [n.name for n in simrewrite.addn_candidates(flow)
                        if any(t in live for t in n.inputs)]

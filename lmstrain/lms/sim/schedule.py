@@ -17,15 +17,16 @@ emulation is of the measurement setting (one inter-op thread) the simulator was 
 from collections import deque
 
 
-def executor_order(flow, late_types=frozenset(), host_last=False):
+def executor_order(flow, late_types=frozenset(), host_sends=False):
     """The nodes of ``flow`` in emulated execution order (each node's ``expensive`` flag says
     whether the executor may hand it to the thread pool).
 
     Nodes of ``late_types`` come after their siblings in every ready list, in reverse
     post-order among themselves: oneDNN's graph pass replaces them by new nodes, whose edges
-    TensorFlow then lists last. With ``host_last``, ready host nodes (swap-outs and swap-ins'
-    sources on /CPU:1) join the far end of the pool: the host's partition has its own
-    executor, whose work waits behind the compute device's when both share one thread.
+    TensorFlow then lists last. With ``host_sends``, a ready host node (a swap-out on /CPU:1)
+    is reached through a cheap ``_Send`` on the compute device's inline queue: when that send
+    runs, the host partition's own executor hands the node to the shared pool, whose front it
+    joins, so it runs as soon as the compute device's inline work is done.
     """
     position = {n.name: i for i, n in enumerate(flow.nodes)}
     if late_types:
@@ -41,11 +42,15 @@ def executor_order(flow, late_types=frozenset(), host_last=False):
     for name in successors:
         successors[name].sort(key=position.__getitem__)
     pool = deque(n.name for n in flow.nodes if not n.preds)
-    order = []
+    order, sent = [], set()
     while pool:
         inline = deque([pool.popleft()])
         while inline:
             name = inline.popleft()
+            if host_sends and flow.by_name[name].on_host and name not in sent:
+                sent.add(name)  # its _Send ran: the host's executor queues it
+                pool.appendleft(name)
+                continue
             order.append(flow.by_name[name])
             ready = []
             for succ in successors[name]:
@@ -54,8 +59,8 @@ def executor_order(flow, late_types=frozenset(), host_last=False):
                     ready.append(succ)
             handed_off, last = [], None
             for succ in ready:
-                if host_last and flow.by_name[succ].on_host:
-                    pool.append(succ)
+                if host_sends and flow.by_name[succ].on_host:
+                    inline.append(succ)
                     continue
                 if not flow.by_name[succ].expensive:
                     inline.append(succ)

@@ -54,6 +54,9 @@ def with_plan(flow, plan, cpu_executor=True):
                     by_name[waiting].preds.extend(_names(flow, [first]))
         for name in _names(flow, swapped.wait_for_swap_out):
             by_name[name].preds.append(out.name)
+    for first, then in plan.orderings:
+        for waiting in _names(flow, [then]):
+            by_name[waiting].preds.extend(_names(flow, [first]))
     for node in result.nodes:
         node.preds = list(dict.fromkeys(node.preds))
     result.nodes.extend(added)
