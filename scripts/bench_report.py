@@ -96,6 +96,13 @@ def main():
         "capped at the budget and a trial fails with ResourceExhaustedError; with swapping the "
         "trial runs uncapped in deepcopy mode and fits when the compute device's share (state "
         "held between steps plus the profiler-replayed step peak) is within the budget.")
+    split = load("maxres-cpu-split/results.json")
+    if split:
+        lines += maxres_section(
+            "Measured on CPU, with `model.split_concat: true`", split,
+            "As above, in its own sweep (its own no-swap maximum): the same network with each "
+            "decoder concatenation's following convolution computed as the sum of two "
+            "convolutions (`--set model.split_concat=true`), so no concatenated tensor exists.")
     lines += maxres_section(
         "Simulated for BraTS-size training", load("maxres-sim/results.json"),
         "Simulated, not measured (`--mode simulate --executor gpu`, "

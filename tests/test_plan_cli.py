@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from lmstrain.cli import main
 
 KEYS = {"peak_bytes_without_swap", "peak_bytes_with_swap", "op_output_peak_bytes_without_swap",
-        "bound_bytes", "host_bytes_with_swap", "max_size_without_swap", "max_size_with_swap",
+        "bound_bytes", "bound_bytes_with_swap", "host_bytes_with_swap", "max_size_without_swap",
+        "max_size_with_swap",
         "max_shape_without_swap", "max_shape_with_swap", "max_voxels_without_swap",
         "max_voxels_with_swap", "voxel_ratio", "limited_by"}
 
@@ -88,7 +89,8 @@ def test_the_text_says_when_host_memory_is_not_a_limit():
               "peak_bytes_without_swap": 1, "peak_bytes_with_swap": 1,
               "peak_op_without_swap": "a", "peak_op_with_swap": "b",
               "swapped_bytes_per_step": 0, "host_bytes_with_swap": 0, "bound_bytes": 1,
-              "bound_op": "a", "largest_tensor": "t", "largest_tensor_elements": 1,
+              "bound_op": "a", "bound_bytes_with_swap": 1, "bound_op_with_swap": "a",
+              "largest_tensor": "t", "largest_tensor_elements": 1,
               "element_limit_size": None}
     assert "host memory not limited (pass --host-memory)" in plan_lines(report)[0]
 

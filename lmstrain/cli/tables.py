@@ -31,6 +31,8 @@ def plan_lines(report: dict, config_name: str = "") -> list[str]:
         f"{_b(r['host_bytes_with_swap'])}",
         f"  physical bound (weights, optimizer state, gradients, batch and the largest single "
         f"op): {_b(r['bound_bytes'])}, set by {r['bound_op']}",
+        f"  physical bound with the plan's swaps (a swapped batch is not resident): "
+        f"{_b(r['bound_bytes_with_swap'])}, set by {r['bound_op_with_swap']}",
         f"  largest tensor: {r['largest_tensor']} ({r['largest_tensor_elements']:,} elements); "
         f"tensors exceed 2^31-1 elements from size "
         f"{r['element_limit_size'] or 'beyond the search range'}",

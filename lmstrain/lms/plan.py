@@ -90,6 +90,10 @@ CONTROL_SENSITIVE_PAIRS = MERGED_PAIRS[:4]
 ALIAS_TYPES = frozenset({"Reshape", "Identity", "Squeeze", "ExpandDims", "Snapshot"})
 READY_TYPES = frozenset({"Const", "ReadVariableOp", "VarHandleOp", "ConcatOffset",
                          "BroadcastGradientArgs"}) | SHAPE_ONLY_TYPES
+# Element-wise arithmetic that Grappler's arithmetic optimizer may factor or merge.
+ARITHMETIC_TYPES = ADD_TYPES | frozenset({"Mul", "Sub", "RealDiv", "Div", "Neg"})
+# Ops between a weight's read and the op that uses it (see :func:`_weight_reads`).
+WEIGHT_VIEW_TYPES = frozenset({"Cast", "StridedSlice", "Slice", "Reshape", "Identity"})
 # Grappler's model pruner removes these between two ops before the arithmetic optimizer runs.
 PRUNED_TYPES = frozenset({"Identity", "StopGradient"})
 
@@ -472,13 +476,16 @@ def _read_early(step, plan, settings, compute_device, members=frozenset()):
     module docstring).
 
     The ops that wait for a small reader are the tensor's other readers and, when those are
-    small readers too, their consumers. A reader qualifies when it runs on the compute device, is in no arithmetic group, makes
-    fewer bytes than the tensor, and each of its other inputs is a weight, a constant, a shape
-    or computed before the tensor, so waiting for it never waits for anything else; a reader
-    that reads a swap-in of the tensor does not. Readers are found through ops whose output
-    aliases the tensor (``ALIAS_TYPES``).
+    small readers too, their consumers. A reader qualifies when it runs on the compute device,
+    is in no arithmetic group, makes fewer bytes than the tensor or only tensors the plan
+    swaps out (a skip connection's gradient, which waits for the encoder; then arithmetic ops,
+    which Grappler may still factor, do not wait for it), and each of its
+    other inputs is a weight, a constant, a shape or computed before the tensor, so waiting
+    for it never waits for anything else; a reader that reads a swap-in of the tensor does
+    not. Readers are found through ops whose output aliases the tensor (``ALIAS_TYPES``).
     """
     swapped_in = {(s.tensor, c) for s in plan.swapped for i in s.swap_ins for c in i.consumers}
+    swapped = {s.tensor for s in plan.swapped}
     for op in step.ops:
         if (step.phase[op] != BACKWARD or op not in step.useful
                 or not devices.runs_on(op, compute_device)):
@@ -490,18 +497,25 @@ def _read_early(step, plan, settings, compute_device, members=frozenset()):
             views, readers = _readers(step, tensor)
             early = [r for r in readers
                      if r not in members and devices.runs_on(r, compute_device)
-                     and sum(step.tensor_bytes(t) or size for t in r.outputs) < size
+                     and (_smaller(step, r, size) or all(t.name in swapped for t in r.outputs))
                      and (tensor.name, r.name) not in swapped_in
                      and _ready_with(step, r, views, op)]
             late = [r for r in readers if r not in early and r not in members]
             for first in early:
                 after = [c for r in early if r is not first for c in _data_consumers(step, r)
                          if step.phase.get(c) == BACKWARD and c not in members]
-                for then in [op for op in late + after if op.type not in NEVER_TRIGGER_TYPES]:
+                waiting = [op for op in late + after if op.type not in NEVER_TRIGGER_TYPES
+                           and (_smaller(step, first, size) or op.type not in ARITHMETIC_TYPES)]
+                for then in waiting:
                     pair = [first.name, then.name]
                     if pair not in plan.orderings:
                         plan.orderings.append(pair)
     _drop_cyclic_pairs(step, plan)
+
+
+def _smaller(step, op, size):
+    """True if ``op`` makes fewer bytes than ``size``."""
+    return sum(step.tensor_bytes(t) or size for t in op.outputs) < size
 
 
 def _readers(step, tensor):
@@ -536,10 +550,13 @@ def _ready_with(step, reader, views, producer):
 
 
 def _weight_reads(op):
-    """ReadVariableOp ops feeding ``op`` directly or through a Cast."""
+    """ReadVariableOp ops feeding ``op`` directly or through ``WEIGHT_VIEW_TYPES`` (a cast,
+    or a slice of the kernel as :class:`lmstrain.model.layers.SplitConcatConv3D` takes)."""
     reads = []
     for t in op.inputs:
-        source = t.op.inputs[0].op if t.op.type == "Cast" and t.op.inputs else t.op
+        source = t.op
+        while source.type in WEIGHT_VIEW_TYPES and source.inputs:
+            source = source.inputs[0].op
         if source.type == "ReadVariableOp":
             reads.append(source)
     return reads
