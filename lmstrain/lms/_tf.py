@@ -2,8 +2,8 @@
 
 Graph editing (``Operation._update_input``, ``_add_control_input``, ``_id``), the automatic
 control dependency skip-list, the eager context's graph collection and function-call options,
-and the device list with memory limits. All are stable across TF 2.x but undocumented; a TF upgrade should only need
-this module checked.
+and the device list with memory limits. All are stable across TF 2.x but undocumented; a TF
+upgrade should only need this module checked.
 """
 
 from collections.abc import Iterator

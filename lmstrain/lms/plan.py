@@ -230,6 +230,7 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
     _free_before_siblings(step, plan, settings, compute_device, members)
     if plan.swapped:
         _read_early(step, plan, settings, compute_device, members)
+    _drop_cyclic_pairs(step, plan)
     return plan
 
 
@@ -370,10 +371,10 @@ def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, 
         # Small readers of the original run before the gates, or they would hold it (the
         # loss's sum over the targets, which the executor runs after the whole forward pass).
         for reader in frontier:
-            if (reader not in gates and reader not in members
-                    and sum(step.tensor_bytes(t) or size for t in reader.outputs) < size
+            if (reader not in gates and reader not in members and _smaller(step, reader, size)
                     and _ready_with(step, reader, {tensor.name}, producer)):
-                plan.orderings.extend([reader.name, gate.name] for gate in gates)
+                for gate in gates:
+                    _order(plan, reader, gate)
     plan.swapped.append(SwappedTensor(
         tensor=tensor.name, producer=producer.name, producer_type=producer.type,
         shape=tensor.shape.as_list(), dtype=tensor.dtype.name, bytes=size, swap_ins=swap_ins,
@@ -422,8 +423,9 @@ def _free_before_siblings(step, plan, settings, compute_device, members=frozense
 
     A sibling reads one of the consumer's other inputs (at least ``min_tensor_bytes``, not a
     weight or constant), runs on the compute device in the backward pass, and is not an
-    ancestor of the consumer. Pairs that would close a cycle with the plan's other edges are
-    dropped, and so are pairs with an op of an arithmetic group (see :func:`_arithmetic_groups`).
+    ancestor of the consumer. Pairs with an op of an arithmetic group (see
+    :func:`_arithmetic_groups`) are left out; :func:`make_plan` drops pairs that would close a
+    cycle.
     """
     graph = step.graph
     consumers = {c for s in plan.swapped for i in s.swap_ins for c in i.consumers}
@@ -448,7 +450,6 @@ def _free_before_siblings(step, plan, settings, compute_device, members=frozense
                             pair = [name, sibling.name]
                             if pair not in swap_in.frees_before:
                                 swap_in.frees_before.append(pair)
-    _drop_cyclic_pairs(step, plan)
 
 
 def _drop_cyclic_pairs(step, plan):
@@ -507,10 +508,14 @@ def _read_early(step, plan, settings, compute_device, members=frozenset()):
                 waiting = [op for op in late + after if op.type not in NEVER_TRIGGER_TYPES
                            and (_smaller(step, first, size) or op.type not in ARITHMETIC_TYPES)]
                 for then in waiting:
-                    pair = [first.name, then.name]
-                    if pair not in plan.orderings:
-                        plan.orderings.append(pair)
-    _drop_cyclic_pairs(step, plan)
+                    _order(plan, first, then)
+
+
+def _order(plan, first, then):
+    """Make ``then`` wait for ``first`` (once)."""
+    pair = [first.name, then.name]
+    if pair not in plan.orderings:
+        plan.orderings.append(pair)
 
 
 def _smaller(step, op, size):
