@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim bench-maxres \
-        bench-overhead bench-report bench-all
+        bench-overhead bench-distribute bench-report bench-all
 
 install: $(STAMP)
 
@@ -53,10 +53,13 @@ bench-maxres: install
 bench-overhead: install
 	$(BIN)/python scripts/bench_overhead.py --out bench/results/overhead.json
 
+bench-distribute: install
+	$(BIN)/python scripts/bench_distribute.py --out bench/results/distribute.json
+
 bench-report: install
 	$(BIN)/python scripts/bench_report.py
 
-bench-all: bench-pipeline bench-lms bench-sim bench-maxres bench-overhead
+bench-all: bench-pipeline bench-lms bench-sim bench-maxres bench-overhead bench-distribute
 	$(MAKE) bench-report
 
 clean-demo:

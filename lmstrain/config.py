@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -89,7 +90,8 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _key(50, "Total number of epochs (a resumed run continues to this number).", min=1)
-    batch_size: int = _key(2, "Volumes per training step.", min=1)
+    batch_size: int = _key(2, "Volumes per training step on each device (per replica); the "
+                              "global batch is this times the number of replicas.", min=1)
     steps_per_epoch: Optional[int] = _key(
         None, "Cap on training steps per epoch; null = one pass over the training cases.", min=1)
     seed: int = _key(0, "Seed for the train/validation split, weights and augmentation.", min=0)
@@ -100,6 +102,12 @@ class TrainConfig:
                     "cosine or poly (power 0.9) decay over all epochs.")
     mixed_precision: bool = _key(False, "Train in mixed_float16 (GPU); weights stay float32.")
     steps_per_execution: int = _key(1, "Training steps per traced function call (Keras).", min=1)
+    distribute: Literal["none", "mirrored"] = _key(
+        "none", "none: one device; mirrored: data-parallel over train.devices "
+                "(tf.distribute.MirroredStrategy), one replica per device.")
+    devices: Optional[list[str]] = _key(
+        None, "The replicas' devices for mirrored, e.g. [/GPU:0, /GPU:1]; null = every local "
+              "GPU, or without a GPU two logical CPUs (for testing; no speed-up).")
 
 
 def _swap_keys():
@@ -211,6 +219,7 @@ def config_from_dict(raw, overrides=()):
     config = _build(Config, raw, "")
     swap_settings(config)  # the swap settings' own checks, before anything runs
     _check_shape(config)
+    _check_distribute(config)
     _check_run_name(config.output.name)
     for dotted, _tp, _default, _help in schema_keys():  # defaults such as output.root: runs
         section, name = dotted.split(".")
@@ -431,6 +440,45 @@ def _check_shape(config):
             f"data.shape: {shape} does not fit {config.model.name} with model.depth {depth}: "
             f"every edge must be a multiple of {divisor(depth)}; {', '.join(map(str, bad))} is "
             f"not (nearest that work: {', '.join(map(str, near))})")
+
+
+DEVICE_NAME = re.compile(r"^/?(?:device:)?(CPU|GPU):(\d+)$", re.IGNORECASE)
+
+
+def local_device(name: str) -> tuple[str, int] | None:
+    """``("GPU", 1)`` for ``/GPU:1`` (also ``GPU:1``, ``/device:GPU:1``); None if ``name`` is not
+    a local device name."""
+    match = DEVICE_NAME.match(name) if isinstance(name, str) else None
+    return (match[1].upper(), int(match[2])) if match else None
+
+
+def _check_distribute(config):
+    """``train.devices`` and the ``lms`` device keys must suit ``train.distribute``."""
+    t, lms = config.train, config.lms
+    if t.distribute == "none":
+        if t.devices is not None:
+            raise ConfigError("train.devices: applies only with train.distribute: mirrored "
+                              "(set it, or remove train.devices)")
+        return
+    if lms.compute_device is not None:
+        raise ConfigError(f"lms.compute_device: must be null with train.distribute: "
+                          f"{t.distribute}; each replica computes on its own device from "
+                          f"train.devices (got {lms.compute_device!r})")
+    if t.devices is None:
+        return
+    parsed = [local_device(d) for d in t.devices]
+    bad = [d for d, p in zip(t.devices, parsed) if p is None]
+    if bad or not parsed:
+        raise ConfigError(f"train.devices: expected a list of local devices such as [/GPU:0, "
+                          f"/GPU:1], got {t.devices!r}")
+    if len(set(parsed)) < len(parsed) or len({kind for kind, _ in parsed}) > 1:
+        raise ConfigError(f"train.devices: list each device once, all GPUs or all CPUs; got "
+                          f"{t.devices!r}")
+    host = local_device(lms.host_device) if lms.host_device else None
+    if host in parsed:
+        raise ConfigError(f"lms.host_device: {lms.host_device} is one of train.devices; swapped "
+                          f"tensors need a device no replica computes on (null = the host's "
+                          f"memory, /CPU:0 on a GPU machine)")
 
 
 def _check_run_name(name):

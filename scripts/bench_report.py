@@ -117,6 +117,10 @@ def main():
     overhead = load("overhead.json")
     if overhead:
         lines += ["## Swap overhead (`make bench-overhead`)", "", overhead["summary_markdown"], ""]
+    parallel = load("distribute.json")
+    if parallel:
+        lines += ["## Several replicas on logical CPUs (`make bench-distribute`)", "",
+                  parallel["markdown"], "", parallel["measure"], ""]
     accuracy = load("simulator_accuracy.json")
     if accuracy:
         worst = accuracy["summary"]["max_abs_error_held_out"]

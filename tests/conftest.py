@@ -11,11 +11,12 @@ from lmstrain.data.synth import write_dataset  # noqa: E402
 
 
 def pytest_configure(config):
-    """Split the CPU into /CPU:0 (compute) and /CPU:1 (host) before any test initialises
-    TensorFlow, so that the LMS tests can swap between them (the whole suite sees two CPUs)."""
+    """Split the CPU into four logical CPUs before any test initialises TensorFlow: /CPU:0
+    (compute) and /CPU:1 (host) for the LMS tests, and two replicas with a host each for the
+    mirrored ones (/CPU:0 and /CPU:1 computing, /CPU:2 and /CPU:3 their hosts)."""
     from lmstrain.lms import split_cpu
 
-    split_cpu()
+    split_cpu(4)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,8 @@ def test_unknown_key_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert result.output.strip() == ("Error: unknown key 'train.epoch': did you mean "
                                      "'train.epochs'? valid keys here are epochs, batch_size, "
                                      "steps_per_epoch, seed, optimizer, learning_rate, "
-                                     "lr_schedule, mixed_precision, steps_per_execution")
+                                     "lr_schedule, mixed_precision, steps_per_execution, "
+                                     "distribute, devices")
     assert "Traceback" not in result.output
 
 

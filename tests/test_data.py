@@ -138,3 +138,15 @@ def test_n4_removes_a_smooth_bias_field():
         return volume[brain].std() / volume[brain].mean()
 
     assert spread(corrected[..., 0]) < 0.5 * spread(image[..., 0])
+
+
+def test_training_order_is_a_permutation_per_pass_whatever_the_iterator():
+    from lmstrain.data.pipeline import case_order
+
+    order = case_order(6, seed=3)
+    first = [int(i) for i in order.take(18)]
+    assert [int(i) for i in order.take(18)] == first  # a second iterator sees the same order
+    passes = [first[i:i + 6] for i in (0, 6, 12)]
+    assert all(sorted(p) == list(range(6)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1  # and each pass is shuffled anew
+    assert [int(i) for i in case_order(6, seed=4).take(6)] != first[:6]

@@ -157,7 +157,7 @@ def test_fit_with_swapping_trains_to_the_same_losses_and_writes_the_plan(tmp_pat
     without, with_lms = run_dirs(tmp_path)
     assert history(with_lms) == history(without)
     plan = json.loads((with_lms / "lms_plan.json").read_text())
-    assert plan["active"] and plan["host_device"].endswith("CPU:1")
+    assert plan["active"] and plan["replicas"][0]["host_device"].endswith("CPU:1")
     swapped = plan["functions"][-1]["swapped"]
     assert len(swapped) >= 10
     assert all(s["bytes"] > 0 and s["swap_ins"][0]["trigger"] for s in swapped)

@@ -230,7 +230,7 @@ def test_plan_report_is_json_with_swapped_and_skipped_tensors():
     lms = LMS(host_device=HOST, min_tensor_bytes=2048)
     train(branched_3d, volumes(2, 8, 2, 1), lms=lms)
     report = json.loads(json.dumps(lms.plan_report()))
-    assert report["active"] and report["host_device"].endswith("CPU:1")
+    assert report["active"] and report["replicas"][0]["host_device"].endswith("CPU:1")
     plan = report["functions"][-1]
     swapped = plan["swapped"][0]
     assert swapped["bytes"] >= 2048 and swapped["producer"]

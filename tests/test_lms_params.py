@@ -47,9 +47,11 @@ def test_config_style_values_are_accepted():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"host_device": "/GPU:3"},
-     "LMS host_device '/GPU:3' is not a device of this process; available: /CPU:0, /CPU:1."),
+     "LMS host_device '/GPU:3' is not a device of this process; available: /CPU:0, /CPU:1, "
+     "/CPU:2, /CPU:3."),
     ({"host_device": "/CPU:1", "compute_device": "/cpu:7"},
-     "LMS compute_device '/cpu:7' is not a device of this process; available: /CPU:0, /CPU:1."),
+     "LMS compute_device '/cpu:7' is not a device of this process; available: /CPU:0, /CPU:1, "
+     "/CPU:2, /CPU:3."),
 ])
 def test_unknown_devices_are_refused_when_training_starts(kwargs, message):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])

@@ -51,7 +51,8 @@ def test_soft_dice_matches_hand_computation():
     smooth = 1e-5
     expected = np.mean([(2 * (1.5 + smooth / 2)) / (3.5 + smooth),
                         smooth / (1 + smooth), 1.0])
-    assert float(soft_dice(t, p, smooth)) == pytest.approx(expected, rel=1e-6)
+    assert soft_dice(t, p, smooth).shape == (1,)  # one value per sample (see the docstring)
+    assert float(soft_dice(t, p, smooth)[0]) == pytest.approx(expected, rel=1e-6)
     assert float(DiceLoss()(t, p)) == pytest.approx(1 - expected, rel=1e-5)
     bce = DiceBCELoss()(t, p)
     assert float(bce) > float(DiceLoss()(t, p))

@@ -334,7 +334,9 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
     a machine without one. Swap-on results carry a transfer-time model: bytes swapped per step
     and their time over PCIe 3/4/5 and NVLink against an estimated GPU compute time (a model,
     not a measurement). Writes results.json, results.csv and plots to the output folder;
-    --resume continues an interrupted sweep.
+    --resume continues an interrupted sweep. Every figure is per device: with
+    train.distribute: mirrored each GPU holds one replica, and the batch is the per-replica
+    batch (train.batch_size).
 
     \b
     Examples:
@@ -376,7 +378,8 @@ def maxres(config, sizes, batch_sizes, lms_setting, device_memory, mode, fixed_s
 @click.option("--size", type=click.IntRange(1), metavar="S",
               help="Scale the configured shape so its largest edge is S (each axis rounded "
                    "down to the network's divisor). Default: data.shape.")
-@click.option("--batch", type=click.IntRange(1), help="Batch size (default: train.batch_size).")
+@click.option("--batch", type=click.IntRange(1),
+              help="Batch size per device (default: train.batch_size, the per-replica batch).")
 @click.option("--device-memory", type=ByteSize(), metavar="SIZE",
               help="Device memory budget, e.g. 16GiB (MiB, GiB, MB, GB). Default: "
                    "lms.device_memory, else the GPU's.")
@@ -395,7 +398,8 @@ def plan(config, size, batch, device_memory, host_memory, executor, as_json):
     settings fit would use), the physical bound (the least any swap plan can reach), the
     host memory swapped tensors need. Given a device memory budget, searches the largest
     input size without and with auto-tuned swapping and says what stops growth: device
-    memory, a single op, the 2^31-1 element limit, or host memory.
+    memory, a single op, the 2^31-1 element limit, or host memory. Every figure is per
+    device: with train.distribute: mirrored each GPU holds one replica at train.batch_size.
 
     \b
     Examples:

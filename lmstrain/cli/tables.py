@@ -12,7 +12,8 @@ def plan_lines(report: dict, config_name: str = "") -> list[str]:
     budget = format_bytes(r["device_memory_bytes"]) if r["device_memory_bytes"] else "unknown"
     host = (format_bytes(r["host_memory_bytes"]) if r["host_memory_bytes"]
             else "not limited (pass --host-memory)")
-    lines = [f"{config_name}: input {shape}, batch {r['batch']}; device memory {budget}, host "
+    lines = [f"{config_name}: input {shape}, batch {r['batch']} per device (per replica); device "
+             f"memory {budget}, host "
              f"memory {host}; {r['executor'].upper()} executor order emulated",
              "",
              f"At {shape}, batch {r['batch']}:{'without swapping':>30}{'with swapping':>18}"]
@@ -81,4 +82,6 @@ def maxres_table(summary: list[dict]) -> str:
                      f"{'on' if row['lms'] else 'off':>4} {row['max_size'] or '-':>8} "
                      f"{shape:>14} {row['max_voxels'] or '-':>12} {ratio:>6} {host:>10}  "
                      f"{row['limited_by'] or ''}")
+    lines.append("Sizes, batches and budgets are per device: under train.distribute: mirrored "
+                 "each GPU holds one replica at this batch.")
     return "\n".join(lines)

@@ -57,15 +57,27 @@ def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True):
         image, regions = tf.numpy_function(load, [index], (tf.float32, tf.float32))
         return tf.ensure_shape(image, (*shape, 4)), tf.ensure_shape(regions, (*shape, 3))
 
-    ds = tf.data.Dataset.range(len(cases))
-    if training:
-        ds = ds.shuffle(len(cases), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = case_order(len(cases), seed) if training else tf.data.Dataset.range(len(cases))
     ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if training and flip:
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
         ds = ds.map(lambda pair, rnd: random_flip(*pair, rnd), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def case_order(n: int, seed: int) -> tf.data.Dataset:
+    """Case indices for training, pass after pass over the ``n`` cases, each pass in the order
+    of a permutation drawn from ``(seed, pass)`` alone. A shuffle buffer's order would depend
+    on how many iterators are made over the dataset: under ``MirroredStrategy`` Keras's first
+    epoch saw the cases in another order than on one device."""
+    n64 = tf.constant(n, tf.int64)
+
+    def shuffled(position):
+        key = tf.stack([tf.constant(seed, tf.int64), position // n64])
+        return tf.random.experimental.index_shuffle(position % n64, key, n64 - 1)
+
+    return tf.data.Dataset.counter().map(shuffled)
 
 
 @contextmanager

@@ -54,9 +54,12 @@ class LMS(keras.callbacks.Callback):
         include_scopes, exclude_scopes: name scopes whose op outputs are (only / never)
             swapped; a scope matches whole name components (``enc0_ctx1_conv``).
         host_device: where swapped tensors wait. None (the default) picks /CPU:1 when the model
-            runs on a CPU split by :func:`lmstrain.lms.split_cpu`, else /CPU:0.
+            runs on a CPU split by :func:`lmstrain.lms.split_cpu`, else /CPU:0. Under a
+            ``tf.distribute`` strategy: one device for every replica, a list with one per
+            replica, or None (see :func:`lmstrain.lms.devices.replica_hosts`).
         compute_device: where the model runs; None = the first GPU, else the first CPU.
             When it is the host device, the callback says so and leaves the graph alone.
+            Under a strategy each replica computes on its own device, and this must be None.
         autotune: choose ``swapout_threshold``, ``swapin_ahead`` and ``swapin_groupby`` for
             each traced step with the memory simulator: the least swapping that fits
             ``device_memory``, then the earliest prefetch that still fits
@@ -80,9 +83,15 @@ class LMS(keras.callbacks.Callback):
     running sums would leave a constant on the device, see
     :func:`lmstrain.lms._tf.without_memory_optimizer`).
 
+    Under a ``tf.distribute`` strategy (``MirroredStrategy``: build and compile the model in
+    its scope), one traced function holds every replica's step; each replica's ops are planned
+    and rewritten on their own, between that replica's device and its host, at the per-replica
+    batch.
+
     After training, ``plans`` holds one :class:`~lmstrain.lms.plan.SwapPlan` per traced
-    function, ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each (verify=True) and
-    ``choices`` the :class:`~lmstrain.lms.sim.autotune.Choice` of each (autotune=True).
+    function and replica, ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each
+    (verify=True) and ``choices`` the :class:`~lmstrain.lms.sim.autotune.Choice` of each
+    (autotune=True).
     """
 
     def __init__(self, settings: SwapSettings | None = None, *, host_device: str | None = None,
@@ -100,7 +109,9 @@ class LMS(keras.callbacks.Callback):
                                       or value <= 0):
                 raise LMSParameterError(f"LMS {name} must be a positive integer or None; got "
                                         f"{value!r}.", key=name)
-        self.host_device = devices.check_spec(host_device, "host_device")
+        self.host_device = ([devices.check_spec(h, "host_device") for h in host_device]
+                            if isinstance(host_device, (list, tuple))
+                            else devices.check_spec(host_device, "host_device"))
         self.compute_device = devices.check_spec(compute_device, "compute_device")
         self.device_memory = device_memory
         self.autotune = autotune
@@ -110,7 +121,8 @@ class LMS(keras.callbacks.Callback):
         self.plans: list[SwapPlan] = []
         self.checks: list[SwapCheck] = []
         self.choices: list[tuning.Choice] = []
-        self._devices = None
+        self._replicas: list[tuple[str, str]] = []  # (compute, host) per replica
+        self._distributed = False
         self._budget = None
         self._said_same_device = False
         self._restore = contextlib.ExitStack()
@@ -118,7 +130,7 @@ class LMS(keras.callbacks.Callback):
     @property
     def active(self):
         """True when the callback rewrites the model's training step."""
-        return self._devices is not None and self._devices[0] != self._devices[1]
+        return any(compute != host for compute, host in self._replicas)
 
     def set_model(self, model):
         """Check the devices (the constructor must not initialise TensorFlow's devices)."""
@@ -127,12 +139,24 @@ class LMS(keras.callbacks.Callback):
             raise LMSParameterError(
                 f"LMS needs Keras's TensorFlow backend; this Keras uses "
                 f"{keras.backend.backend()!r} (set KERAS_BACKEND=tensorflow).")
-        compute = devices.resolve(self.compute_device or devices.default_compute_device(),
-                                  "compute_device")
-        host = devices.resolve(self.host_device or devices.default_host_device(compute),
-                               "host_device")
-        self._devices = (compute, host)
-        if self.autotune and compute != host:
+        replicas = devices.replica_devices(model.distribute_strategy)
+        self._distributed = bool(replicas)
+        if replicas:
+            self._replicas = list(zip(replicas, devices.replica_hosts(replicas, self.host_device)))
+            _check_replicas(self._replicas, self.compute_device)
+        else:
+            compute = devices.resolve(self.compute_device or devices.default_compute_device(),
+                                      "compute_device")
+            if not isinstance(self.host_device, (str, type(None))):
+                raise LMSParameterError(
+                    f"LMS host_device is a list ({self.host_device!r}), but the model has no "
+                    f"tf.distribute strategy with replicas; give one device name.",
+                    key="host_device")
+            host = devices.resolve(self.host_device or devices.default_host_device(compute),
+                                   "host_device")
+            self._replicas = [(compute, host)]
+        compute, host = self._replicas[0]
+        if self.autotune and self.active:
             self._budget = self.device_memory or devices.memory_limit(compute)
             if not self._budget:
                 raise LMSParameterError(
@@ -185,26 +209,36 @@ class LMS(keras.callbacks.Callback):
     def _rewrite(self, graph, data, outputs):
         batch_size, source = self._batch_size(data)
         returned = [t for t in tf.nest.flatten(outputs) if isinstance(t, tf.Tensor)]
-        compute, host = self._devices
+        replica, compute, host = self._tracing_replica()
         steps = getattr(self.model, "steps_per_execution", 1) or 1
         target = SwapTarget(compute, host, self.copy_mode,
-                            owns_batch(devices.is_gpu(compute), steps))
+                            owns_batch(devices.is_gpu(compute), steps), replica)
         plan = rewrite_step(graph, returned, batch_size, target,
                             self._tune if self.autotune else self.settings,
                             function=graph.name, trace=len(self.plans) + 1,
                             batch_size_source=source)
         self.plans.append(plan)
-        log.info("LMS: %s (trace %d): %s", plan.function, plan.trace, plan.summary())
+        log.info("LMS: %s: %s", plan.label, plan.summary())
         for note in plan.notes:
-            log.warning("LMS: %s (trace %d): %s", plan.function, plan.trace, note)
+            log.warning("LMS: %s: %s", plan.label, note)
+
+    def _tracing_replica(self) -> tuple[int | None, str, str]:
+        """``(replica, compute device, host device)`` of the step being traced; replica None
+        without a strategy. Replica ids count across workers; each worker holds the same
+        number of replicas, its own in order."""
+        if not self._distributed:
+            return (None, *self._replicas[0])
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        replica = int(tf.get_static_value(replica_id)) % len(self._replicas)
+        return (replica, *self._replicas[replica])
 
     def _tune(self, step: StepGraph) -> SwapSettings:
         """Auto-tuned settings for ``step`` (see :mod:`lmstrain.lms.sim.autotune`); logs the
         choice."""
-        compute, host = self._devices
+        replica, compute, host = self._tracing_replica()
         executor = "gpu" if devices.is_gpu(compute) else "cpu"
         flow = dataflow.build(step, compute, resident_variables(self.model), executor == "cpu")
-        target = SwapTarget(compute, host, self.copy_mode, step.batch_owned)
+        target = SwapTarget(compute, host, self.copy_mode, step.batch_owned, replica)
         choice = tuning.tune(step, flow, self.settings, self._budget, target,
                              executor=executor, weight_bytes=trainable_bytes(self.model))
         self.choices.append(choice)
@@ -261,12 +295,15 @@ class LMS(keras.callbacks.Callback):
                 (log.info if check.ok or not check.found else log.warning)(check.summary(plan))
 
     def plan_report(self):
-        """Everything the callback did, JSON-serialisable (write it as ``lms_plan.json``)."""
-        compute, host = self._devices or (None, None)
+        """Everything the callback did, JSON-serialisable (write it as ``lms_plan.json``).
+
+        ``replicas`` lists each replica's devices and what its plans swap; ``functions`` holds
+        every plan (one per traced function and replica) with its ``replica``."""
         return {
             "active": self.active,
-            "compute_device": compute,
-            "host_device": host,
+            "distributed": self._distributed,
+            "replicas": [_replica_report(i, compute, host, self.plans, self._distributed)
+                         for i, (compute, host) in enumerate(self._replicas)],
             "copy_mode": self.copy_mode,
             "device_memory": self.device_memory,
             "settings": self.settings.to_dict(),
@@ -276,6 +313,31 @@ class LMS(keras.callbacks.Callback):
             "functions": [plan.to_dict() for plan in self.plans],
             "checks": [{**vars(check), "ok": check.ok} for check in self.checks],
         }
+
+
+def _replica_report(index, compute, host, plans, distributed):
+    """One replica's devices and the totals of its last plan (the step that trained)."""
+    own = [p for p in plans if p.replica == (index if distributed else None)]
+    last = own[-1] if own else None
+    return {"replica": index, "compute_device": compute, "host_device": host,
+            "traces": [p.trace for p in own],
+            "swapped_tensors": len(last.swapped) if last else 0,
+            "swapped_bytes": last.swapped_bytes if last else 0}
+
+
+def _check_replicas(replicas, compute_device):
+    """Refuse settings that cannot hold under a strategy (one device per replica)."""
+    if compute_device is not None:
+        raise LMSParameterError(
+            f"LMS compute_device={compute_device!r} does not apply under a tf.distribute "
+            f"strategy: each replica computes on its own device "
+            f"({', '.join(devices.short(c) for c, _ in replicas)}). Leave it None.",
+            key="compute_device")
+    for i, (_, host) in enumerate(replicas):
+        if any(devices.same(host, c) for c, _ in replicas):
+            raise LMSParameterError(
+                f"LMS host_device for replica {i} is {devices.short(host)}, a device a replica "
+                f"computes on; give a host device no replica uses.", key="host_device")
 
 
 def _settings(settings: SwapSettings | None, overrides: dict) -> SwapSettings:

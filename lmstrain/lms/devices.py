@@ -1,8 +1,10 @@
 """Device names for LMS, and the CPU-only emulation of a device plus its host.
 
-On a machine without a GPU, :func:`split_cpu` turns the CPU into two logical devices: /CPU:0
-runs the model (the "device") and /CPU:1 holds swapped tensors (the "host"). This exercises the
-rewrite end to end, but both live in the same RAM, so it saves no memory.
+On a machine without a GPU, :func:`split_cpu` turns the CPU into logical devices: /CPU:0
+runs the model (the "device") and /CPU:1 holds swapped tensors (the "host"); with more,
+several replicas of a ``tf.distribute`` strategy each get a device and a host
+(:func:`replica_hosts`). This exercises the rewrite end to end, but all of them live in the
+same RAM, so it saves no memory.
 """
 
 import logging
@@ -29,29 +31,70 @@ def default_device_memory() -> int | None:
     return memory_limit("/GPU:0") if has_gpu() else None
 
 
-def split_cpu() -> bool:
-    """Split the CPU into /CPU:0 (compute) and /CPU:1 (host) before TensorFlow initialises.
+def split_cpu(count: int = 2) -> bool:
+    """Split the CPU into ``count`` logical CPUs before TensorFlow initialises: /CPU:0 plays
+    the compute device and /CPU:1 the host, or, for ``count`` replicas of a ``tf.distribute``
+    strategy and their hosts, see :func:`replica_hosts`.
 
-    Returns True when two logical CPUs are in effect afterwards (also when they already were).
-    Changes nothing and returns False on a machine with a GPU (swaps go to the real host), or,
-    with a warning, when TensorFlow's devices are already initialised with one CPU.
+    Returns True when at least ``count`` logical CPUs are in effect afterwards (also when they
+    already were). Changes nothing and returns False on a machine with a GPU (swaps go to the
+    real host), or, with a warning, when TensorFlow's devices are already initialised with
+    fewer CPUs.
     """
     if has_gpu():
         return False
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count)
     except RuntimeError:
-        if len(tf.config.list_logical_devices("CPU")) >= 2:
+        if len(tf.config.list_logical_devices("CPU")) >= count:
             return True
-        log.warning("LMS: cannot split the CPU into a compute and a host device: TensorFlow "
-                    "has already initialised its devices. Call lmstrain.lms.split_cpu() before "
-                    "creating any tensor or model.")
+        log.warning("LMS: cannot split the CPU into %d logical devices: TensorFlow has already "
+                    "initialised its devices. Call lmstrain.lms.split_cpu() before creating any "
+                    "tensor or model.", count)
         return False
-    log.warning("LMS on CPU: /CPU:0 plays the device and /CPU:1 the host. This emulation "
-                "exercises the swap rewrite but saves no memory (both are the same RAM).")
+    log.warning("LMS on CPU: %d logical CPUs play devices and hosts. This emulation exercises "
+                "the swap rewrite but saves no memory (all are the same RAM).", count)
     return True
+
+
+def replica_devices(strategy: tf.distribute.Strategy) -> tuple[str, ...]:
+    """The compute devices of ``strategy``'s replicas in this process, in replica order; empty
+    for TensorFlow's default (no) strategy."""
+    try:
+        return tuple(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has no worker devices
+        return ()
+
+
+def replica_hosts(replicas: tuple[str, ...], host_device) -> tuple[str, ...]:
+    """The host device of each replica.
+
+    ``host_device``: one device name for every replica, a sequence with one per replica, or
+    None: GPU replicas share /CPU:0 (the machine's host memory); replicas on logical CPUs
+    (the emulation) get the logical CPUs that no replica computes on, in order, one each.
+    """
+    if isinstance(host_device, str):
+        return (resolve(host_device, "host_device"),) * len(replicas)
+    if host_device is not None:
+        if len(host_device) != len(replicas):
+            raise LMSParameterError(
+                f"LMS host_device lists {len(host_device)} devices for {len(replicas)} replicas "
+                f"({', '.join(map(short, replicas))}); give one per replica, one for all, or "
+                f"None.", key="host_device")
+        return tuple(resolve(name, "host_device") for name in host_device)
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if any(is_gpu(r) for r in replicas):
+        return (cpus[0],) * len(replicas)
+    free = [c for c in cpus if not any(same(c, r) for r in replicas)]
+    if len(free) < len(replicas):
+        raise LMSParameterError(
+            f"LMS: {len(replicas)} replicas on logical CPUs need {len(replicas)} more logical "
+            f"CPUs as their hosts; this process has {len(cpus)}. Call "
+            f"lmstrain.lms.split_cpu({2 * len(replicas)}) before TensorFlow starts, or pass "
+            f"host_device.", key="host_device")
+    return tuple(free[:len(replicas)])
 
 
 def check_spec(name: str | None, role: str) -> str | None:

@@ -3,7 +3,8 @@
 The traced step is one flat graph. Ops created before the first ``gradient_tape/`` op are the
 forward pass (model, loss, metrics), ops up to the last ``gradient_tape/`` op are the backward
 pass (this range also catches the gradient-summing ``AddN`` ops, which have no scope), the rest
-apply the update. Levels form the categorised topological order of TFLMS v2: an op's level is
+apply the update. Under a ``tf.distribute`` strategy one traced function holds every replica's
+step; :meth:`StepGraph.analyse` then takes one replica's ops (those on its device). Levels form the categorised topological order of TFLMS v2: an op's level is
 the length of the longest path reaching it, over data and control edges.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import tensorflow as tf
 
 from lmstrain.lms import _tf
+from lmstrain.lms.devices import same
 
 BACKWARD_SCOPE = "gradient_tape/"
 SWAP_SCOPE = "/lms/"  # in the names of swap nodes (see rewrite.swap_scope)
@@ -38,14 +40,18 @@ class StepGraph:
 
     @classmethod
     def analyse(cls, graph: tf.Graph, outputs=(), batch_size: int = 1,
-                batch_owned: bool = True) -> "StepGraph":
+                batch_owned: bool = True, device: str | None = None) -> "StepGraph":
         """Analyse every op of ``graph``; unknown batch dimensions count as ``batch_size``.
 
         ``outputs`` are the tensors the step returns; together with the stateful ops (variable
         updates) they decide which ops are useful rather than dead code Grappler will prune.
         ``batch_owned``: whether the step alone holds its batch (see :func:`owns_batch`).
+        ``device``: analyse only the ops that run there (one replica's, see
+        :func:`device_ops`); None = all.
         """
         ops = sorted(graph.get_operations(), key=_tf.creation_index)
+        if device is not None:
+            ops = device_ops(ops, device)
         roots = [op for op in ops if op.op_def.is_stateful] + [t.op for t in outputs]
         return cls(graph, ops, split_phases(ops), topological_levels(ops), ancestors(roots),
                    batch_size, batch_owned)
@@ -67,7 +73,9 @@ class StepGraph:
         """The placeholders of the step's data arguments (see :func:`step_inputs`); empty when
         something outside the step holds the batch (``batch_owned`` False: swapping it would
         free nothing)."""
-        return frozenset(step_inputs(self.graph) if self.batch_owned else ())
+        if not self.batch_owned:
+            return frozenset()
+        return frozenset(op for op in step_inputs(self.graph) if op in self.phase)
 
     @functools.cached_property
     def folded(self):
@@ -131,6 +139,26 @@ def step_inputs(graph):
     return [t.op for t in getattr(graph, "inputs", ())
             if t.op.type == "Placeholder" and t.name not in captured
             and t.dtype not in (tf.resource, tf.variant, tf.string)]
+
+
+def device_ops(ops, device):
+    """The ops of ``ops`` that run on ``device``: those placed there, and unplaced ones (the
+    step's arguments, variable reads) whose consumers all run there."""
+    consumers = {op: [] for op in ops}
+    for op in ops:
+        for pred in predecessors(op):
+            if pred in consumers:
+                consumers[pred].append(op)
+    owned = {}
+
+    def runs_there(op):
+        if op not in owned:
+            owned[op] = False  # guards against revisits; graphs have no cycles
+            owned[op] = (same(op.device, device) if op.device else
+                         bool(consumers[op]) and all(runs_there(c) for c in consumers[op]))
+        return owned[op]
+
+    return [op for op in ops if runs_there(op)]
 
 
 def ancestors(ops):

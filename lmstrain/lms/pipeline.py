@@ -19,19 +19,23 @@ from lmstrain.lms.settings import SwapSettings
 
 @dataclass(frozen=True)
 class SwapTarget:
-    """Where swapped tensors go and how: the devices, the copy op, and whether the step owns
-    its batch (:func:`lmstrain.lms.graph.owns_batch`)."""
+    """Where swapped tensors go and how: the devices, the copy op, whether the step owns its
+    batch (:func:`lmstrain.lms.graph.owns_batch`), and which replica of a ``tf.distribute``
+    strategy this is (None without one: the whole traced function is the step)."""
 
     compute_device: str
     host_device: str
     copy_mode: str = "snapshot"
     batch_owned: bool = True
+    replica: int | None = None
 
 
 def analyse_step(graph: tf.Graph, outputs: list, batch_size: int,
                  target: SwapTarget) -> StepGraph:
-    """The :class:`StepGraph` of a traced step returning ``outputs``."""
-    return StepGraph.analyse(graph, outputs, batch_size, target.batch_owned)
+    """The :class:`StepGraph` of a traced step returning ``outputs`` (one replica's ops when
+    ``target`` names a replica)."""
+    device = None if target.replica is None else target.compute_device
+    return StepGraph.analyse(graph, outputs, batch_size, target.batch_owned, device)
 
 
 def plan_swaps(step: StepGraph, settings: SwapSettings, target: SwapTarget, *, function: str,
@@ -39,7 +43,7 @@ def plan_swaps(step: StepGraph, settings: SwapSettings, target: SwapTarget, *, f
     """The :class:`SwapPlan` for ``step`` with ``settings``."""
     return make_plan(step, settings, target.compute_device, target.host_device,
                      target.copy_mode, function=function, trace=trace,
-                     batch_size_source=batch_size_source)
+                     batch_size_source=batch_size_source, replica=target.replica)
 
 
 def rewrite_step(graph: tf.Graph, outputs: list, batch_size: int, target: SwapTarget,

@@ -147,6 +147,7 @@ class SwapPlan:
     settings: dict
     n_ops: int
     n_levels: int
+    replica: int | None = None  # the replica of a tf.distribute strategy; None without one
     swapped: list[SwappedTensor] = field(default_factory=list)
     skipped: list[SkippedTensor] = field(default_factory=list)
     # ``[first, then]`` pairs: ``then`` waits for ``first`` (a large tensor's small readers)
@@ -176,6 +177,13 @@ class SwapPlan:
             "orderings": len(self.orderings),
         }
 
+    @property
+    def label(self):
+        """``one_step_on_data (trace 2)``, with ``replica 1 on /CPU:1`` under a strategy."""
+        where = "" if self.replica is None else (
+            f", replica {self.replica} on {devices.short(self.compute_device)}")
+        return f"{self.function} (trace {self.trace}{where})"
+
     def summary(self):
         """One line for the log, e.g. ``37 tensors swapped, 412.0 MiB/step``."""
         return (f"{len(self.swapped)} tensors swapped, {self.swapped_bytes / 2**20:.1f} MiB/step"
@@ -189,12 +197,12 @@ class SwapPlan:
 
 
 def make_plan(step, settings, compute_device, host_device, copy_mode, *, function, trace,
-              batch_size_source):
+              batch_size_source, replica=None):
     """Plan the swaps for ``step`` (a :class:`~lmstrain.lms.graph.StepGraph`)."""
     plan = SwapPlan(function=function, trace=trace, compute_device=compute_device,
                     host_device=host_device, copy_mode=copy_mode, batch_size=step.batch_size,
                     batch_size_source=batch_size_source, settings=settings.to_dict(),
-                    n_ops=len(step.ops), n_levels=step.n_levels)
+                    n_ops=len(step.ops), n_levels=step.n_levels, replica=replica)
     if not step.has_backward:
         plan.notes.append("no backward pass found (no gradient_tape/ ops): nothing to swap")
         return plan
@@ -629,7 +637,7 @@ def check_acyclic(step, plan):
     cycle = find_cycle(step, plan)
     if cycle:
         raise SwapCycleError(
-            f"LMS refused to rewrite {plan.function} (trace {plan.trace}): the swap plan would "
+            f"LMS refused to rewrite {plan.label}: the swap plan would "
             f"create a cycle: {' -> '.join(cycle)}. Change swapin_ahead, swapin_groupby or "
             f"sync_mode, or exclude these ops with exclude_scopes.")
 

@@ -76,12 +76,15 @@ SOURCES = {
 
 def request(config: dict | None, shape, batch: int, *, swap: dict | None = None,
             budget_bytes: int | None = None, batches: str = "resident", timed_steps: int = 0,
-            profile: bool = True, application: dict | None = None) -> dict:
+            profile: bool = True, application: dict | None = None, replicas: int = 1) -> dict:
     """A trial request (JSON-serialisable): ``config`` as a dict, ``swap`` None or a dict of
     :class:`~lmstrain.lms.SwapSettings` fields, ``budget_bytes`` the device memory the trial
     must fit (None: only measure). ``application`` instead of ``config`` names a
     ``keras.applications`` model: ``{"name": "MobileNetV2", "kwargs": {...}, "loss": ...}``
-    (``shape`` its input shape without the batch; ``kwargs["classes"]`` the label range)."""
+    (``shape`` its input shape without the batch; ``kwargs["classes"]`` the label range).
+    ``replicas`` > 1 trains under ``MirroredStrategy`` on that many logical CPUs (each with its
+    own host when swapping), ``batch`` per replica; only the step time is meaningful then (all
+    logical CPUs share one allocator)."""
     if batches not in BATCHES:
         raise ValueError(f"batches must be one of {BATCHES}; got {batches!r}")
     if (config is None) == (application is None):
@@ -89,6 +92,8 @@ def request(config: dict | None, shape, batch: int, *, swap: dict | None = None,
     req = {"config": config, "shape": [int(s) for s in shape], "batch": batch, "swap": swap,
            "budget_bytes": budget_bytes, "batches": batches, "timed_steps": timed_steps,
            "profile": profile}
+    if replicas > 1:
+        req["replicas"] = replicas
     return {**req, "application": application} if application is not None else req
 
 
@@ -168,8 +173,9 @@ def measure(req: dict) -> dict:
         tf.config.set_logical_device_configuration(
             tf.config.list_physical_devices("GPU")[0],
             [tf.config.LogicalDeviceConfiguration(memory_limit=budget // MIB)])
+    replicas = req.get("replicas", 1)
     if not gpu:
-        split_cpu()
+        split_cpu(replicas * 2 if replicas > 1 and swap is not None else max(2, replicas))
     source = ("gpu" if gpu else "cpu-device-attributed" if swap is not None and budget
               else "cpu-capped" if budget else "cpu")
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -182,12 +188,16 @@ def measure(req: dict) -> dict:
                           memory_device="GPU:0" if gpu else "CPU:0")
         callbacks = [probe]
         lms = None
+        strategy = (tf.distribute.MirroredStrategy([f"/CPU:{i}" for i in range(replicas)])
+                    if replicas > 1 else None)
         if swap is not None:
-            lms = LMS(host_device=None if gpu else HOST, compute_device=None if gpu else COMPUTE,
+            alone = gpu or strategy is not None  # the devices come from the GPU or the replicas
+            lms = LMS(host_device=None if alone else HOST,
+                      compute_device=None if alone else COMPUTE,
                       copy_mode="snapshot" if gpu else "deepcopy", batch_size=batch, **swap)
             callbacks.append(lms)
         try:
-            with tf.device(None if gpu else COMPUTE):
+            with strategy.scope() if strategy else tf.device(None if gpu else COMPUTE):
                 model, data, batch_bytes = _build(req, steps)
             with record_graphs() as recorded:
                 model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks)
@@ -213,7 +223,8 @@ def _build(req, steps):
     model ``req["application"]`` on image/label batches."""
     import keras
 
-    shape, batch, app = tuple(req["shape"]), req["batch"], req.get("application")
+    shape, app = tuple(req["shape"]), req.get("application")
+    batch = req["batch"] * req.get("replicas", 1)  # a replica's batch times the replicas
     voxels = batch * shape[0] * shape[1] * shape[2]
     if app is None:
         from lmstrain.config import config_from_dict

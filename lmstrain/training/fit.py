@@ -19,7 +19,7 @@ from lmstrain.data.split import load_split, save_split, split_cases
 from lmstrain.errors import UserError
 from lmstrain.lms import LMS, devices, split_cpu
 from lmstrain.model.training import training_model
-from lmstrain.training import memcheck
+from lmstrain.training import distribute, memcheck
 from lmstrain.training.callbacks import EpochProgress, RunRecorder
 from lmstrain.training.rundir import RunFiles, check_output_root, create_run_dir, writing
 
@@ -95,16 +95,20 @@ def _no_epoch_to_resume(run_dir):
 
 
 def prepare_devices(config):
-    """Before TensorFlow starts its devices, when swapping is on or may be (``auto``): on a
-    CPU-only machine, split the CPU into a compute device (/CPU:0) and a host (/CPU:1) so the
-    swap rewrite can run; with a GPU, let TensorFlow's pinned host allocator use all of this
-    machine's RAM for swapped tensors (``devices.host_memory_environment``)."""
-    if config.lms.enabled is False:
-        return
+    """Before TensorFlow starts its devices. With a GPU, when swapping is on or may be
+    (``auto``), let TensorFlow's pinned host allocator use all of this machine's RAM for
+    swapped tensors (``devices.host_memory_environment``). Without one, split the CPU into the
+    logical devices the run needs: a compute device (/CPU:0) and a host (/CPU:1) to swap
+    between, or for ``train.distribute: mirrored`` the replicas and their hosts
+    (:func:`lmstrain.training.distribute.logical_cpus`)."""
+    swapping = config.lms.enabled is not False
     if devices.has_gpu():
-        os.environ.update(devices.host_memory_environment())
-    else:
-        split_cpu()
+        if swapping:
+            os.environ.update(devices.host_memory_environment())
+        return
+    count = distribute.logical_cpus(config, swapping)
+    if count > 1:
+        split_cpu(count)
 
 
 def lms_callback(config, swap, batch_size):
@@ -124,21 +128,30 @@ def _train(config, files, train_cases, val_cases):
     keras.utils.set_random_seed(config.train.seed)
     cache = volume_cache(config)
     t = config.train
-    train_ds = make_dataset(train_cases, cache, t.batch_size, training=True, seed=t.seed,
+    strategy = distribute.make_strategy(config)
+    parallel = distribute.describe(config, strategy)
+    batch = parallel["global_batch_size"]
+    train_ds = make_dataset(train_cases, cache, batch, training=True, seed=t.seed,
                             flip=config.data.flip)
-    val_ds = make_dataset(val_cases, cache, t.batch_size, training=False)
-    steps = t.steps_per_epoch or max(1, math.ceil(len(train_cases) / t.batch_size))
+    val_ds = make_dataset(val_cases, cache, batch, training=False)
+    steps = t.steps_per_epoch or max(1, math.ceil(len(train_cases) / batch))
 
-    model = training_model(config, steps_per_epoch=steps)
+    with strategy.scope():
+        model = training_model(config, steps_per_epoch=steps)
     log.info("Model %s: %s parameters, input %s", model.name, f"{model.count_params():,}",
              "x".join(map(str, config.data.shape)))
+    if parallel["replicas"] > 1:
+        log.info("%d replicas (%s), batch %d per replica, %d per step", parallel["replicas"],
+                 ", ".join(parallel["devices"]), t.batch_size, batch)
 
     summary = files.read_json("summary.json") or {
         "n_train_cases": len(train_cases), "n_validation_cases": len(val_cases)}
+    summary["distribute"] = parallel
     recorder = RunRecorder(files, summary)
     if recorder.epochs_completed:
         files.publish(recorder.state)  # a kill may have come between state.json and last.keras
-        model.optimizer.build(model.trainable_variables)
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
         model.load_weights(files.checkpoints / recorder.state["checkpoint"])
     else:
         with input_errors():

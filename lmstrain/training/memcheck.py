@@ -69,6 +69,8 @@ def check(config):
         return MemoryCheck(device, budget, config.lms.enabled is True,
                            f"no prediction: {error}")
     swap, decision = _decide(config.lms.enabled, without, budget, gpu)
+    if config.train.distribute != "none":
+        decision += f" (per device: each replica trains at batch {batch})"
     result = MemoryCheck(device, budget, swap, decision, without)
     if swap:
         result.with_swap = simulate_step(config, shape, batch, plan=True, device_memory=budget)

@@ -9,9 +9,12 @@ The op-execution events of the same trace show when each swap-in ran relative to
 
 import glob
 import os
+import re
 from dataclasses import dataclass
 
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+REPLICA_SCOPE = re.compile(r"replica_\d+")  # MirroredStrategy's name scope of replica i > 0
 
 
 @dataclass
@@ -191,12 +194,16 @@ def swapin_timings(runs, plans):
     """For each executed swap-in of ``plans``: when it started and when its trigger ended.
 
     The k-th run of a swap-in is paired with the k-th run of its trigger (one per step).
-    Names in the trace carry a function-inlining prefix, so they are matched by suffix.
+    Names in the trace carry a function-inlining prefix, so they are matched by suffix; under
+    ``MirroredStrategy`` replica i's names start with ``replica_i/`` (i > 0), and a suffix never
+    drops that scope.
     """
     by_name = {}
     for run in runs:
         parts = run.name.split("/")
         for start in range(len(parts)):
+            if start and REPLICA_SCOPE.fullmatch(parts[start - 1]):
+                break  # replica 0's ops have no scope: replica_1/x must not match x
             by_name.setdefault("/".join(parts[start:]), []).append(run)
     timings = []
     for plan in plans:
