@@ -5,9 +5,11 @@ measured  configs/demo.yaml's network at one size, the same global batch: one de
           without and with swapping (each replica to its own logical-CPU host, deepcopy mode).
           Every trial runs in the trial harness's fresh subprocess (random resident batches,
           two warm-up steps, median of the timed steps); variants alternate within each
-          repeat. Two logical CPUs share this machine's two cores and one RAM, so the mirrored
-          rows show the machinery's overhead (collective all-reduce, two replica graphs), not
-          scaling, and nothing about GPUs (NCCL, PCIe) can be read from them.
+          repeat. The harness runs one inter-op thread (a reproducible op order), so the
+          replicas' ops take turns; the two logical CPUs share this machine's two cores and
+          one RAM. The mirrored rows show the machinery's overhead (collective all-reduce, two
+          replica graphs, the batch split), not scaling, and nothing about GPUs (NCCL, PCIe)
+          can be read from them.
 
 Result: bench/results/distribute.json (with a markdown summary for bench/README.md).
 """
