@@ -117,6 +117,10 @@ def main():
     overhead = load("overhead.json")
     if overhead:
         lines += ["## Swap overhead (`make bench-overhead`)", "", overhead["summary_markdown"], ""]
+    recompute = load("recompute.json")
+    if recompute:
+        lines += ["## Recomputing instead of copying (`make bench-recompute`)", "",
+                  recompute["markdown"], "", recompute["measure"], ""]
     parallel = load("distribute.json")
     if parallel:
         lines += ["## Several replicas on logical CPUs (`make bench-distribute`)", "",

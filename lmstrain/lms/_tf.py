@@ -26,6 +26,15 @@ def replace_input(op, index, tensor):
     op._update_input(index, tensor)
 
 
+def clone_op(op, inputs, name):
+    """A new op of ``op``'s type and attributes (placement and colocation aside) reading
+    ``inputs``, created in ``op``'s graph under the current name scope and device."""
+    attrs = {k: v for k, v in op.node_def.attr.items() if not k.startswith("_")}
+    return op.graph._create_op_internal(op.type, list(inputs),
+                                        dtypes=[t.dtype for t in op.outputs], name=name,
+                                        attrs=attrs)
+
+
 def add_control_input(op, control_op):
     """Make ``op`` wait for ``control_op``."""
     op._add_control_input(control_op)

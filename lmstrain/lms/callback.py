@@ -139,7 +139,8 @@ class LMS(keras.callbacks.Callback):
             raise LMSParameterError(
                 f"LMS needs Keras's TensorFlow backend; this Keras uses "
                 f"{keras.backend.backend()!r} (set KERAS_BACKEND=tensorflow).")
-        replicas = devices.replica_devices(model.distribute_strategy)
+        replicas = tuple(devices.resolve(r, "compute_device")
+                         for r in devices.replica_devices(model.distribute_strategy))
         self._distributed = bool(replicas)
         if replicas:
             self._replicas = list(zip(replicas, devices.replica_hosts(replicas, self.host_device)))

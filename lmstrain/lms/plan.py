@@ -32,6 +32,9 @@ Six additions to TFLMS's rules cut the peak of U-Nets:
   executor runs such a reader when the tensor's chain is long done, holding the whole tensor
   meanwhile (the gradient of the decoder's top concatenation, for most of the backward pass).
 
+With ``recompute: cheap``, cheap forward tensors whose sources are swapped in anyway are
+computed again in the backward pass instead of copied (see :func:`_recompute`).
+
 Swaps keep Grappler's arithmetic rewrites possible, so that training rounds as it does without
 swapping: ops in a group of adds (or of one associative op) that Grappler merges get no control
 edge (trigger, gate or ``frees_before``), and an op that Grappler merges with its only consumer
@@ -44,7 +47,7 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from lmstrain.lms import devices
+from lmstrain.lms import _tf, devices
 from lmstrain.lms.errors import SwapCycleError
 from lmstrain.lms.graph import (BACKWARD, FORWARD, SHAPE_ONLY_TYPES, UPDATE, ancestors,
                                 predecessors)
@@ -96,6 +99,21 @@ ARITHMETIC_TYPES = ADD_TYPES | frozenset({"Mul", "Sub", "RealDiv", "Div", "Neg"}
 WEIGHT_VIEW_TYPES = frozenset({"Cast", "StridedSlice", "Slice", "Reshape", "Identity"})
 # Grappler's model pruner removes these between two ops before the arithmetic optimizer runs.
 PRUNED_TYPES = frozenset({"Identity", "StopGradient"})
+# Cheap, deterministic, stateless ops that ``recompute: cheap`` recomputes instead of swapping
+# their outputs: element-wise arithmetic and activations (a normalisation's scale and shift, an
+# activation, a residual add), views and repeats (an upsampling); a few operations per element,
+# against the hundreds of a convolution's.
+RECOMPUTE_TYPES = frozenset({
+    "Add", "AddV2", "Sub", "Mul", "RealDiv", "Neg", "Maximum", "Minimum", "Square", "Rsqrt",
+    "Sqrt", "Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Softplus",
+    "BiasAdd", "Cast", "Reshape", "ExpandDims", "Squeeze", "Tile",
+})
+# A recomputed tensor's consumers and the swap-in of its source it reads run within this many
+# levels of each other (a block's activation, its normalised input and the normalisation's
+# input are read within a few levels of each other in the backward pass).
+RECOMPUTE_WINDOW = 16
+# Most ops a recomputation repeats for one tensor.
+RECOMPUTE_MAX_OPS = 12
 
 
 @dataclass
@@ -134,6 +152,27 @@ class SkippedTensor:
 
 
 @dataclass
+class Recompute:
+    """A tensor computed again in the backward pass instead of swapped: ``ops`` (forward ops,
+    in order) are repeated on the compute device, reading the swap-ins ``sources`` (``[tensor,
+    swap-in index]``) where they read those tensors and the original (small or resident)
+    tensors elsewhere, after ``trigger`` (the trigger of the swap-in it replaces: without it,
+    the executor would recompute as soon as the sources are back, early); ``consumers`` read
+    the repeated ``tensor``. ``clones`` names the repeated ops."""
+
+    tensor: str
+    producer: str
+    producer_type: str
+    bytes: int
+    ops: list[str]
+    sources: list[list]
+    consumers: list[str]
+    trigger: list[str]
+    frees_before: list[list[str]] = field(default_factory=list)
+    clones: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SwapPlan:
     """What the rewrite did to one traced function."""
 
@@ -152,11 +191,17 @@ class SwapPlan:
     skipped: list[SkippedTensor] = field(default_factory=list)
     # ``[first, then]`` pairs: ``then`` waits for ``first`` (a large tensor's small readers)
     orderings: list[list[str]] = field(default_factory=list)
+    recomputed: list[Recompute] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def swapped_bytes(self):
         return sum(s.bytes for s in self.swapped)
+
+    @property
+    def swapped_in_bytes(self):
+        """Bytes copied back per step: each swapped tensor once per swap-in."""
+        return sum(s.bytes * len(s.swap_ins) for s in self.swapped)
 
     @property
     def swap_nodes(self):
@@ -175,6 +220,9 @@ class SwapPlan:
             "swap_ins": len(self.swap_ins),
             "skipped_tensors": len(self.skipped),
             "orderings": len(self.orderings),
+            "recomputed_tensors": len(self.recomputed),
+            "recomputed_bytes": sum(r.bytes for r in self.recomputed),
+            "recompute_ops": sum(len(r.ops) for r in self.recomputed),
         }
 
     @property
@@ -186,8 +234,10 @@ class SwapPlan:
 
     def summary(self):
         """One line for the log, e.g. ``37 tensors swapped, 412.0 MiB/step``."""
+        recomputed = (f", {len(self.recomputed)} recomputed instead" if self.recomputed else "")
         return (f"{len(self.swapped)} tensors swapped, {self.swapped_bytes / 2**20:.1f} MiB/step"
-                f" ({len(self.swap_ins)} swap-ins, {len(self.skipped)} tensors skipped)")
+                f" ({len(self.swap_ins)} swap-ins, {len(self.skipped)} tensors skipped"
+                f"{recomputed})")
 
     def to_dict(self):
         """JSON-serialisable form (for ``lms_plan.json``)."""
@@ -236,10 +286,153 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
             if reason is not None:
                 plan.skipped.append(SkippedTensor(tensor.name, op.name, size, reason))
     _free_before_siblings(step, plan, settings, compute_device, members)
+    if settings.recompute == "cheap":
+        _recompute(step, plan, settings)
     if plan.swapped:
         _read_early(step, plan, settings, compute_device, members)
     _drop_cyclic_pairs(step, plan)
     return plan
+
+
+def _recompute(step, plan, settings):
+    """Replace swap-ins of cheap forward tensors by recomputations (``recompute: cheap``).
+
+    A swapped forward tensor made by ``RECOMPUTE_TYPES`` ops from swapped tensors and small or
+    resident ones (:func:`_recompute_segment`) is recomputed for each group of backward
+    consumers for which every swapped source has a swap-in whose consumers run within
+    ``RECOMPUTE_WINDOW`` levels; that swap-in is then triggered no later than the group's own
+    (so the sources are back when the recomputation runs). A tensor whose swap-ins are all
+    replaced is not swapped out at all. Tensors are visited in creation order, so a block's
+    activation, whose normalised input is recomputed, is recomputed from the normalisation's
+    input through both.
+    """
+    graph = step.graph
+    swapped = {s.tensor: s for s in plan.swapped}
+    for entry in list(plan.swapped):
+        producer = graph.get_operation_by_name(entry.producer)
+        if (step.phase[producer] != FORWARD or producer.type not in RECOMPUTE_TYPES
+                or producer in step.input_ops):
+            continue
+        segment = _recompute_segment(step, producer, swapped, settings)
+        if segment is None:
+            continue
+        ops, sources = segment
+        kept = []
+        for swap_in in entry.swap_ins:
+            consumers = [graph.get_operation_by_name(n) for n in swap_in.consumers]
+            serving = _serving_swap_ins(step, sources, consumers, swapped)
+            if serving is None:
+                kept.append(swap_in)
+                continue
+            first = min(step.level[c] for c in consumers)
+            for source, index in serving:
+                source_in = swapped[source].swap_ins[index]
+                if any(step.level[graph.get_operation_by_name(t)] >= first
+                       for t in source_in.trigger):
+                    source_in.trigger = list(swap_in.trigger)
+            plan.recomputed.append(Recompute(
+                tensor=entry.tensor, producer=entry.producer, producer_type=entry.producer_type,
+                bytes=entry.bytes, ops=[op.name for op in ops],
+                sources=[list(s) for s in serving], consumers=list(swap_in.consumers),
+                trigger=list(swap_in.trigger), frees_before=list(swap_in.frees_before)))
+        if len(kept) < len(entry.swap_ins):
+            entry.swap_ins = kept
+            if not kept:
+                plan.swapped.remove(entry)
+                del swapped[entry.tensor]
+    _merge_into_serving(step, plan)
+
+
+def _merge_into_serving(step, plan):
+    """A source's other backward swap-ins whose consumers run within ``RECOMPUTE_WINDOW``
+    levels of a swap-in that serves a recomputation join it: that copy is back on the device
+    already (a normalisation's input, read by both halves of the normalisation's gradient,
+    comes back once)."""
+    graph = step.graph
+
+    def first_level(swap_in):
+        return min(step.level[graph.get_operation_by_name(n)] for n in swap_in.consumers)
+
+    serving = {}
+    for r in plan.recomputed:
+        for source, index in r.sources:
+            serving.setdefault(source, set()).add(index)
+    for entry in plan.swapped:
+        if entry.tensor not in serving:
+            continue
+        keep = sorted(serving[entry.tensor])
+        moved = {}
+        for index, swap_in in enumerate(entry.swap_ins):
+            if index in keep or not all(
+                    step.phase.get(graph.get_operation_by_name(n)) == BACKWARD
+                    for n in swap_in.consumers):
+                continue
+            target = min(keep, key=lambda k: abs(first_level(entry.swap_ins[k])
+                                                 - first_level(swap_in)))
+            if abs(first_level(entry.swap_ins[target]) - first_level(swap_in)) \
+                    <= RECOMPUTE_WINDOW:
+                moved[index] = target
+        if not moved:
+            continue
+        for index, target in moved.items():
+            joined, swap_in = entry.swap_ins[target], entry.swap_ins[index]
+            joined.consumers += [c for c in swap_in.consumers if c not in joined.consumers]
+            joined.frees_before += [p for p in swap_in.frees_before
+                                    if p not in joined.frees_before]
+        remaining = [i for i in range(len(entry.swap_ins)) if i not in moved]
+        renumber = {old: new for new, old in enumerate(remaining)}
+        entry.swap_ins = [entry.swap_ins[i] for i in remaining]
+        for r in plan.recomputed:
+            r.sources = [[s, renumber[i]] if s == entry.tensor else [s, i]
+                         for s, i in r.sources]
+
+
+def _recompute_segment(step, producer, swapped, settings):
+    """``(ops, sources)``: the forward ops, in creation order, that recompute ``producer``'s
+    output from swapped tensors (``sources``, their names) and tensors smaller than
+    ``min_tensor_bytes`` or resident (weights, constants); None if there are none such or the
+    segment grows past ``RECOMPUTE_MAX_OPS``."""
+    ops, sources, queue = {producer}, set(), [producer]
+    while queue:
+        for t in queue.pop().inputs:
+            if t.name in swapped:
+                sources.add(t.name)
+            elif ((t.op.type in READY_TYPES or t.op in step.folded
+                   or (t.op.type == "Placeholder" and t.op not in step.input_ops)
+                   or (step.tensor_bytes(t) is not None
+                       and step.tensor_bytes(t) < settings.min_tensor_bytes))):
+                continue  # resident anyway, or small: read as it is
+            elif (t.op.type in RECOMPUTE_TYPES and step.phase.get(t.op) == FORWARD
+                  and not t.op.control_inputs):
+                if t.op not in ops:
+                    ops.add(t.op)
+                    queue.append(t.op)
+            else:
+                return None
+        if len(ops) > RECOMPUTE_MAX_OPS:
+            return None
+    if not sources:
+        return None
+    return sorted(ops, key=_tf.creation_index), sorted(sources)
+
+
+def _serving_swap_ins(step, sources, consumers, swapped):
+    """For each source, the index of its swap-in whose consumers run nearest to
+    ``consumers`` (within ``RECOMPUTE_WINDOW`` levels); None if a source has none."""
+    graph = step.graph
+    first = min(step.level[c] for c in consumers)
+    chosen = []
+    for source in sources:
+        distance = [(abs(min(step.level[graph.get_operation_by_name(n)] for n in i.consumers)
+                         - first), index)
+                    for index, i in enumerate(swapped[source].swap_ins)
+                    if all(step.phase.get(graph.get_operation_by_name(n)) == BACKWARD
+                           for n in i.consumers)]
+        best = min(distance, default=None)
+        if best is None or best[0] > RECOMPUTE_WINDOW:
+            return None
+        chosen.append((source, best[1]))
+    return chosen
 
 
 def _far(step, producer, consumers, threshold):
@@ -667,6 +860,14 @@ def find_cycle(step, plan):
                 edge(back, name)
             for first, then in swap_in.frees_before:
                 edge(first, then)
+    for r in plan.recomputed:
+        for name in r.consumers:
+            for source, index in r.sources:
+                edge(f"<swap-in {index} of {source}>", name)
+            for trigger in r.trigger:
+                edge(trigger, name)
+        for first, then in r.frees_before:
+            edge(first, then)
     for first, then in plan.orderings:
         edge(first, then)
     return _find_cycle(successors)

@@ -6,7 +6,9 @@ grouped consumers read the swap-in instead of the original; the swap-in waits fo
 trigger ops; in ``swapout`` sync mode the producer's forward consumers wait for the swap-out so
 the original can be freed as soon as the forward pass is done with it; the ops a swap-in
 ``frees_before`` wait for its consumers, so the copy is freed before they allocate; the second
-op of each of the plan's ``orderings`` waits for the first.
+op of each of the plan's ``orderings`` waits for the first. Each recomputation repeats its ops
+on the compute device under ``<producer>/lms/t<trace>_<i>/recompute/``, reading the sources'
+swap-ins, and its consumers read the repeated tensor.
 """
 
 import tensorflow as tf
@@ -32,6 +34,7 @@ def apply_plan(step: StepGraph, plan: SwapPlan) -> None:
     check_acyclic(step, plan)
     copy = COPY_OPS[plan.copy_mode]
     graph = step.graph
+    swapped_in = {}  # (tensor, swap-in index) -> the swap-in's output
     with graph.control_dependencies(None):
         for swapped in plan.swapped:
             tensor = graph.get_tensor_by_name(swapped.tensor)
@@ -43,6 +46,7 @@ def apply_plan(step: StepGraph, plan: SwapPlan) -> None:
                     with graph.device(plan.compute_device):
                         device_copy = copy(host_copy, f"swap_in_{index}")
                     swap_in.name = device_copy.op.name
+                    swapped_in[(swapped.tensor, index)] = device_copy
                     for name in swap_in.trigger:
                         _tf.add_control_input(device_copy.op, graph.get_operation_by_name(name))
                     for name in swap_in.consumers:
@@ -52,7 +56,31 @@ def apply_plan(step: StepGraph, plan: SwapPlan) -> None:
                                                   graph.get_operation_by_name(first))
             for name in swapped.wait_for_swap_out:
                 _tf.add_control_input(graph.get_operation_by_name(name), host_copy.op)
+        _recompute(graph, plan, swapped_in)
         for first, then in plan.orderings:
+            _tf.add_control_input(graph.get_operation_by_name(then),
+                                  graph.get_operation_by_name(first))
+
+
+def _recompute(graph, plan, swapped_in):
+    """Repeat each recomputation's ops after its trigger, reading its sources' swap-ins."""
+    for r in plan.recomputed:
+        replaced = {source: swapped_in[(source, index)] for source, index in r.sources}
+        triggers = [graph.get_operation_by_name(name) for name in r.trigger]
+        with graph.name_scope(swap_scope(plan.trace, r.tensor) + "recompute/"), \
+                graph.device(plan.compute_device):
+            for name in r.ops:
+                op = graph.get_operation_by_name(name)
+                clone = _tf.clone_op(op, [replaced.get(t.name, t) for t in op.inputs],
+                                     name.rpartition("/")[2])
+                for trigger in triggers:
+                    _tf.add_control_input(clone, trigger)
+                replaced.update((old.name, new) for old, new in zip(op.outputs, clone.outputs))
+                r.clones.append(clone.name)
+        original = graph.get_tensor_by_name(r.tensor)
+        for name in r.consumers:
+            _rewire(graph.get_operation_by_name(name), original, replaced[r.tensor])
+        for first, then in r.frees_before:
             _tf.add_control_input(graph.get_operation_by_name(then),
                                   graph.get_operation_by_name(first))
 

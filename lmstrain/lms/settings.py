@@ -8,6 +8,7 @@ from typing import Any, Literal
 from lmstrain.lms.errors import LMSParameterError
 
 SYNC_MODES = ("async", "swapout", "swapin", "both")
+RECOMPUTE_MODES = ("none", "cheap")
 SyncMode = Literal["async", "swapout", "swapin", "both"]
 SYNC_SWAPOUT = frozenset({"swapout", "both"})
 SYNC_SWAPIN = frozenset({"swapin", "both"})
@@ -43,6 +44,10 @@ class SwapSettings:
         (), "Only swap outputs of ops under these name scopes.")
     exclude_scopes: tuple[str, ...] = _setting(
         (), "Never swap outputs of ops under these name scopes.")
+    recompute: Literal["none", "cheap"] = _setting(
+        "none", "cheap: instead of swapping the output of cheap element-wise ops (normalisation "
+                "arithmetic, activations, adds, reshapes), recompute it in the backward pass "
+                "from a tensor that is swapped in anyway; none: swap it.")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -52,6 +57,8 @@ class SwapSettings:
                            "" if f.name == "min_tensor_bytes" else AUTO_HINT)
             elif f.name == "sync_mode":
                 check_choice("sync_mode", value, SYNC_MODES)
+            elif f.name == "recompute":
+                check_choice("recompute", value, RECOMPUTE_MODES)
             else:
                 object.__setattr__(self, f.name, _names(f.name, value))
 

@@ -29,12 +29,14 @@ class SwapCheck:
     # edges whose trigger Grappler removed (e.g. a division folded away), handing the swap-in's
     # wait to an op before it: the swap-in still waits, a little earlier than planned
     forwarded_trigger_edges: list = field(default_factory=list)
+    recompute_ops: int = 0
+    live_recompute_ops: int = 0
 
     @property
     def ok(self):
         return (self.found and self.live_swap_nodes == self.swap_nodes
                 and self.intact_trigger_edges + len(self.forwarded_trigger_edges)
-                == self.trigger_edges)
+                == self.trigger_edges and self.live_recompute_ops == self.recompute_ops)
 
     def summary(self, plan):
         """E.g. ``LMS: 37 tensors swapped, 412.0 MiB/step, 81/81 swap nodes live after Grappler,
@@ -46,9 +48,11 @@ class SwapCheck:
                            "while creating variables)")
         forwarded = (f" ({len(self.forwarded_trigger_edges)} forwarded to an earlier op: Grappler "
                      f"removed their trigger)" if self.forwarded_trigger_edges else "")
+        recomputed = (f", {self.live_recompute_ops}/{self.recompute_ops} recompute ops live"
+                      if self.recompute_ops else "")
         return head + (f"{self.live_swap_nodes}/{self.swap_nodes} swap nodes live after Grappler, "
                        f"{self.intact_trigger_edges}/{self.trigger_edges} trigger edges intact"
-                       f"{forwarded}")
+                       f"{forwarded}{recomputed}")
 
 
 class RecordedGraphs:
@@ -81,7 +85,8 @@ def verify_swaps(run_metadata, plans):
 
     A swap node is live when it is in the post-optimisation graph and in the partition of the
     device the plan put it on; a trigger edge is intact when the swap-in's partition still has
-    the control input from the trigger.
+    the control input from the trigger; a recompute op is live when it is in the compute
+    device's partition.
     """
     graphs = [_FunctionGraph(fg) for fg in run_metadata.function_graphs]
     return [_check(plan, graphs) for plan in plans]
@@ -110,8 +115,9 @@ def _check(plan, graphs):
     names = plan.swap_nodes
     edges = [(i.name, t) for s in plan.swapped for i in s.swap_ins for t in i.trigger]
     triggers = {i.name: i.trigger for i in plan.swap_ins}
+    clones = list(dict.fromkeys(c for r in plan.recomputed for c in r.clones))
     check = SwapCheck(plan.function, plan.trace, len(names), 0, len(edges), 0, found=False,
-                      replica=plan.replica)
+                      replica=plan.replica, recompute_ops=len(clones))
     if not names:
         check.found = True
         return check
@@ -139,5 +145,11 @@ def _check(plan, graphs):
             check.forwarded_trigger_edges.append(f"^{trigger} -> {swap_in}")
         else:
             check.missing.append(f"^{trigger} -> {swap_in}")
+    for name in clones:
+        node = graph.partitions.get(name)
+        if node is not None and same(node.device, plan.compute_device):
+            check.live_recompute_ops += 1
+        else:
+            check.missing.append(name)
     return check
 

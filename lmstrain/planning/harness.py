@@ -262,11 +262,15 @@ def _swap_checks(lms, run_metadata, logdir):
                if c.found]
     plan, check = checked[-1] if checked else (lms.plans[-1], None)
     result = {"swapped_tensors": len(plan.swapped), "swapped_bytes": plan.swapped_bytes,
-              "swap_ins": len(plan.swap_ins)}
+              "swap_ins": len(plan.swap_ins),
+              "copied_bytes": plan.swapped_bytes + plan.swapped_in_bytes,
+              "recomputed_tensors": len(plan.recomputed),
+              "recompute_ops": plan.totals()["recompute_ops"]}
     if check is not None:
         result.update(swap_nodes=check.swap_nodes, live_swap_nodes=check.live_swap_nodes,
                       trigger_edges=check.trigger_edges,
-                      intact_trigger_edges=check.intact_trigger_edges)
+                      intact_trigger_edges=check.intact_trigger_edges,
+                      live_recompute_ops=check.live_recompute_ops)
     if logdir:
         timings = replay.swapin_timings(replay.op_runs(replay.load_xspace(logdir)), [plan])
         result["swap_ins_started_after_trigger"] = sum(t.after_trigger for t in timings)

@@ -22,11 +22,13 @@ EFFICIENCY = 0.5
 ASSUMPTIONS = (f"model, not a measurement: compute time = step FLOPs / ({EFFICIENCY:.0%} of "
                f"{GPU}), split 1/3 forward, 2/3 backward; copy time = bytes / stated peak link "
                "bandwidth per direction; swap-outs overlap the forward pass, swap-ins the "
-               "backward pass; each swapped tensor is copied out once and in once")
+               "backward pass; each swapped tensor is copied out once and in once per swap-in "
+               "(once where the swap-ins are not given)")
 
 
-def transfer_model(swapped_bytes, flops):
+def transfer_model(swapped_bytes, flops, swapped_in_bytes=None):
     """Per link: copy and compute times, the predicted overhead, and whether it is copy-bound.
+    ``swapped_in_bytes``: bytes copied back (default: each swapped tensor once).
 
     >>> row = transfer_model(100e9, 10e12)["links"][0]
     >>> row["link"], row["bandwidth_bound"]
@@ -37,10 +39,11 @@ def transfer_model(swapped_bytes, flops):
     rows = []
     for link, bandwidth in LINKS.items():
         copy_s = swapped_bytes / bandwidth
-        overhead_s = max(0.0, copy_s - forward_s) + max(0.0, copy_s - backward_s)
+        copy_in_s = (swapped_bytes if swapped_in_bytes is None else swapped_in_bytes) / bandwidth
+        overhead_s = max(0.0, copy_s - forward_s) + max(0.0, copy_in_s - backward_s)
         rows.append({
             "link": link, "bandwidth_bytes_per_s": bandwidth,
-            "copy_out_s": copy_s, "copy_in_s": copy_s, "compute_s": compute_s,
+            "copy_out_s": copy_s, "copy_in_s": copy_in_s, "compute_s": compute_s,
             "overhead": overhead_s / compute_s if compute_s else None,
             "bandwidth_bound": overhead_s > 0,
         })

@@ -303,14 +303,27 @@ def _elements(tensor, batch_size):
     return n
 
 
+# Element-wise arithmetic and activations (and their gradients): one operation per output
+# element (``AddN``: one per element and extra input).
+ELEMENTWISE_TYPES = frozenset({
+    "Add", "AddV2", "AddN", "Sub", "Mul", "RealDiv", "DivNoNan", "Neg", "Maximum", "Minimum",
+    "Square", "SquaredDifference", "Rsqrt", "Sqrt", "Relu", "Relu6", "LeakyRelu", "Elu", "Selu",
+    "Sigmoid", "Tanh", "Softplus", "BiasAdd", "ReluGrad", "Relu6Grad", "LeakyReluGrad",
+    "EluGrad", "SigmoidGrad", "TanhGrad", "RsqrtGrad", "SqrtGrad",
+})
+
+
 def flops(op, batch_size=1):
-    """Floating-point operations of a convolution or matrix product (2 per multiply-add).
+    """Floating-point operations counted for ``op``: a convolution or matrix product (2 per
+    multiply-add) or an element-wise op (:data:`ELEMENTWISE_TYPES`).
 
     ``Conv*D``: output elements x kernel volume x input channels; its two gradients cost the
-    same. ``MatMul``: 2 m n k. Other ops count 0: the estimate is for transfer-time models,
-    where convolutions dominate.
+    same. ``MatMul``: 2 m n k. Reductions, copies and views count 0.
     """
     kind = op.type
+    if kind in ELEMENTWISE_TYPES:
+        per_element = max(1, len(op.inputs) - 1) if kind == "AddN" else 1
+        return per_element * sum(_elements(t, batch_size) for t in op.outputs)
     if kind.startswith("Conv") and kind.endswith(("D", "DV2", "Input", "InputV2", "Filter",
                                                    "FilterV2")):
         kernel, positions = _kernel_shape(op), _conv_output_elements(op, batch_size)

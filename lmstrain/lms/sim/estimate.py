@@ -54,7 +54,7 @@ class MemoryEstimate:
     host_bytes: int  # peak of swapped tensors held in host memory
     swapped_bytes: int  # bytes swapped out per step
     swapped_tensors: int
-    flops: int  # forward + backward convolution and matrix-product FLOPs
+    flops: int  # counted FLOPs of the step (lmstrain.lms.sim.dataflow.flops)
     largest_tensor_elements: int
     largest_tensor: str
     executor: str  # "cpu" or "gpu": which executor order was emulated
@@ -64,6 +64,7 @@ class MemoryEstimate:
     shape: list = None
     batch: int = None
     calibration: dict = field(default_factory=dict)
+    swapped_in_bytes: int = 0  # bytes swapped back in per step (one copy per swap-in)
 
     def fits(self, budget):
         """True when the allocator peak is within ``budget`` and no request failed."""
@@ -115,6 +116,7 @@ def estimate(flow, executor="cpu", device_memory=None, weight_bytes=0, plan=None
         host_bytes=timeline.host_peak_bytes,
         swapped_bytes=plan.swapped_bytes if plan else 0,
         swapped_tensors=len(plan.swapped) if plan else 0,
+        swapped_in_bytes=plan.swapped_in_bytes if plan else 0,
         flops=flow.flops,
         largest_tensor_elements=elements,
         largest_tensor=largest,

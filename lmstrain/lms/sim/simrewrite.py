@@ -1,8 +1,8 @@
 """Edits of a :class:`~lmstrain.lms.sim.dataflow.Dataflow` that mirror graph rewrites.
 
-- :func:`with_plan` adds a swap plan's nodes and edges exactly as
-  :func:`lmstrain.lms.rewrite.apply_plan` adds them to the traced graph, so auto-tune can try
-  many plans on one trace (a swapped step input stops being resident, as
+- :func:`with_plan` adds a swap plan's nodes and edges (and its recomputations' repeated ops)
+  exactly as :func:`lmstrain.lms.rewrite.apply_plan` adds them to the traced graph, so
+  auto-tune can try many plans on one trace (a swapped step input stops being resident, as
   :func:`lmstrain.lms.sim.dataflow.build` does for a rewritten trace);
 - :func:`accumulate_addn` mirrors Grappler's memory optimizer, which turns large ``AddN`` ops
   into running sums when the device is nearly full.
@@ -28,6 +28,7 @@ def with_plan(flow, plan, cpu_executor=True):
     by_name = {n.name: n for n in result.nodes}
     kind = COPY_TYPES[plan.copy_mode]
     added = []
+    swapped_in = {}  # (tensor, swap-in index) -> the swap-in node's output
     for swapped in plan.swapped:
         tensor = flow.tensor(swapped.tensor)
         producer = released.get(tensor) or flow.producer.get(tensor)
@@ -44,6 +45,7 @@ def with_plan(flow, plan, cpu_executor=True):
                         [out.name] + _names(flow, swap_in.trigger), expensive=cpu_executor)
             back.outputs.append(Output(f"{back.name}:0", size.bytes, size.elements, size.dtype))
             added.append(back)
+            swapped_in[(swapped.tensor, index)] = back.outputs[0].name
             for name in _names(flow, swap_in.consumers):
                 consumer = by_name[name]
                 consumer.inputs = [back.outputs[0].name if t == tensor else t
@@ -54,6 +56,7 @@ def with_plan(flow, plan, cpu_executor=True):
                     by_name[waiting].preds.extend(_names(flow, [first]))
         for name in _names(flow, swapped.wait_for_swap_out):
             by_name[name].preds.append(out.name)
+    added.extend(_recomputations(flow, plan, swapped_in, by_name))
     for first, then in plan.orderings:
         for waiting in _names(flow, [then]):
             by_name[waiting].preds.extend(_names(flow, [first]))
@@ -62,6 +65,44 @@ def with_plan(flow, plan, cpu_executor=True):
     result.nodes.extend(added)
     result.index()
     return result
+
+
+def _recomputations(flow, plan, swapped_in, by_name):
+    """The repeated ops of ``plan``'s recomputations, as the rewrite makes them; rewires their
+    consumers in ``by_name``."""
+    added = []
+    producer = {t: t.rpartition(":")[0] for t in swapped_in.values()}  # added nodes' outputs
+    for r in plan.recomputed:
+        replaced = {flow.tensor(source): swapped_in[(source, index)]
+                    for source, index in r.sources if (source, index) in swapped_in}
+        scope = swap_scope(plan.trace, r.tensor) + "recompute/"
+        for name in r.ops:
+            node = flow.node(name)
+            if node is None:
+                continue  # folded or deduplicated away
+            inputs = [replaced.get(t, t) for t in node.inputs]
+            clone = copy.copy(node)
+            clone.name = scope + node.name.rpartition("/")[2]
+            clone.phase, clone.inputs = "backward", inputs
+            clone.preds = list(dict.fromkeys(
+                [producer.get(t) or flow.producer[t].name for t in inputs
+                 if t in producer or t in flow.producer] + _names(flow, r.trigger)))
+            clone.outputs = [Output(f"{clone.name}:{i}", o.bytes, o.elements, o.dtype)
+                             for i, o in enumerate(node.outputs)]
+            producer.update((o.name, clone.name) for o in clone.outputs)
+            added.append(clone)
+            replaced.update((o.name, c.name) for o, c in zip(node.outputs, clone.outputs))
+        tensor = flow.tensor(r.tensor)
+        if tensor not in replaced:
+            continue
+        for name in _names(flow, r.consumers):
+            consumer = by_name[name]
+            consumer.inputs = [replaced[tensor] if t == tensor else t for t in consumer.inputs]
+            consumer.preds.append(producer[replaced[tensor]])
+        for first, then in r.frees_before:
+            for waiting in _names(flow, [then]):
+                by_name[waiting].preds.extend(_names(flow, [first]))
+    return added
 
 
 def _names(flow, op_names):

@@ -1,0 +1,97 @@
+"""``lms.recompute: cheap``: cheap forward tensors recomputed in the backward pass instead of
+swapped. The CPU is split into /CPU:0 and /CPU:1 (and more) by tests/conftest.py. Adds about
+40 seconds to the default run."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lmstrain.config import config_from_dict
+from lmstrain.errors import ConfigError
+from lmstrain.lms import LMS, SwapSettings, record_graphs, verify_swaps
+from lmstrain.lms.profile import replay as measure
+from lmstrain.lms.sim.trace import batch_specs, estimate_trace, trace_train_step
+from lmstrain.model.training import training_model
+from lmstrain.model.unet3d import isensee2017
+
+
+class ProfileStep(keras.callbacks.Callback):
+    def __init__(self, step, logdir):
+        super().__init__()
+        self.step, self.logdir = step, str(logdir)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.step:
+            tf.profiler.experimental.start(self.logdir)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.step:
+            tf.profiler.experimental.stop()
+
+
+def train(lms=None, profile_dir=None):
+    """Four steps of a small Isensee network (dropout 0); (losses, weights, recorded)."""
+    keras.utils.set_random_seed(0)
+    model = isensee2017((16, 16, 16), base_filters=4, depth=3, dropout=0.0)
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).random((4, 16, 16, 16, 4), dtype="float32")
+    losses = []
+    callbacks = [keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"])))]
+    callbacks += [lms] if lms else []
+    callbacks += [ProfileStep(2, profile_dir)] if profile_dir else []
+    with record_graphs() as recorded:
+        model.fit(x, x[..., :3], batch_size=1, shuffle=False, verbose=0, callbacks=callbacks)
+    return losses, [w.numpy() for w in model.weights], recorded
+
+
+def test_recomputing_trains_bit_for_bit_and_copies_less(tmp_path):
+    plain_losses, plain_weights, _ = train()
+    swap = LMS(host_device="/CPU:1", batch_size=1)
+    swap_losses, _, _ = train(swap)
+    both = LMS(host_device="/CPU:1", batch_size=1, recompute="cheap")
+    losses, weights, recorded = train(both, profile_dir=tmp_path)
+    assert losses == plain_losses == swap_losses
+    assert all(np.array_equal(a, b) for a, b in zip(weights, plain_weights))
+    plan, swap_plan = both.plans[-1], swap.plans[-1]
+    # A block's normalised tensor and activation come back from the normalisation's input.
+    assert len(plan.recomputed) >= 10
+    recomputed = {r.tensor: r for r in plan.recomputed}
+    activation = next(r for name, r in recomputed.items() if name.endswith("act_1/LeakyRelu:0"))
+    assert activation.sources[0][0].endswith("norm_1/Reshape:0")
+    swapped = {s.tensor for s in plan.swapped}
+    assert sum(name not in swapped for name in recomputed) >= 10  # not copied out at all
+    assert plan.swapped_bytes < 0.75 * swap_plan.swapped_bytes
+    totals = plan.totals()
+    assert totals["recomputed_tensors"] == len(plan.recomputed) and totals["recompute_ops"] > 10
+    # The repeated ops survive Grappler on the compute device, every swap node is live, and
+    # every swap-in (those feeding recomputations included) starts after its trigger.
+    check = next(c for c in verify_swaps(recorded.run_metadata, [plan]) if c.found)
+    assert check.ok and check.live_recompute_ops == check.recompute_ops > 10
+    timings = measure.swapin_timings(measure.op_runs(measure.load_xspace(tmp_path)), [plan])
+    assert {t.swap_in for t in timings} == {i.name for i in plan.swap_ins}
+    assert [t for t in timings if not t.after_trigger] == []
+
+
+def test_the_simulator_models_recomputation_as_the_rewrite_makes_it():
+    config = config_from_dict({"model": {"base_filters": 4, "depth": 3}})
+    specs = batch_specs([(1, 32, 32, 32, 4), (1, 32, 32, 32, 3)])
+    swap, cheap = SwapSettings(), SwapSettings(recompute="cheap")
+    plain = trace_train_step(training_model(config, (32, 32, 32)), specs)
+    rewritten = trace_train_step(training_model(config, (32, 32, 32)), specs, cheap)
+    traced = estimate_trace(rewritten, "cpu")  # the rewrite's clones, analysed as traced
+    added = estimate_trace(plain, "cpu", settings=cheap)  # the same plan added to the dataflow
+    swapped = estimate_trace(plain, "cpu", settings=swap)
+    # Not to the byte: the traced graph's node order and names differ from the added nodes'.
+    assert traced.op_output_peak_bytes == pytest.approx(added.op_output_peak_bytes, rel=0.05)
+    assert traced.flops == added.flops
+    assert swapped.flops < added.flops < 1.01 * swapped.flops  # the repeated element-wise ops
+    assert added.swapped_bytes < swapped.swapped_bytes
+    assert added.swapped_in_bytes < swapped.swapped_in_bytes
+
+
+def test_recompute_is_a_checked_setting():
+    with pytest.raises(ConfigError, match=r"lms\.recompute: expected one of none, cheap, got 'all'"):
+        config_from_dict({"lms": {"recompute": "all"}})
+    assert config_from_dict({"lms": {"recompute": "cheap"}}).lms.recompute == "cheap"
