@@ -78,6 +78,11 @@ class ModelConfig:
     split_concat: bool = _key(False, "Compute each decoder conv over [skip, upsampled] as the sum "
                                      "of convs over the two parts: the same layer and weights, "
                                      "no concatenated tensor (less memory).")
+    remat: Literal["none", "keras_activations", "blocks"] = _key(
+        "none", "Recompute activations in the backward pass instead of keeping them (the peers "
+                "of swapping, bench-peers): keras_activations builds the network inside "
+                "keras.RematScope(mode='activations'); blocks wraps each context and "
+                "localisation module of isensee2017 in tf.recompute_grad.")
 
 
 @dataclass
