@@ -15,10 +15,13 @@ from lmstrain.model.layers import RecomputedModule, SplitConcatConv3D
 
 N_CHANNELS = 4
 N_REGIONS = 3
-# model.remat values built inside keras.RematScope, and the scope's mode. Keras 3.15's "full"
-# and "larger_than" wrap Functional.call, which receives training=, and fail in model.fit
-# ("custom_gradient ... keywords arguments only when eager execution is enabled").
-KERAS_REMAT = {"keras_activations": "activations"}
+# model.remat values built inside keras.RematScope, and the scope's mode. On Keras 3.15 "full"
+# and "larger_than" also wrap Functional.call, which receives training=, and fail in model.fit
+# ("The custom_gradient decorator currently supports keywords arguments only when eager
+# execution is enabled"); keras_layers names the conv, normalisation and activation layers of
+# the context and localisation modules (dropout takes training= as well).
+KERAS_REMAT = {"keras_full": "full", "keras_larger_than": "larger_than",
+               "keras_activations": "activations", "keras_layers": "list_of_layers"}
 
 
 def build_model(config, input_shape=None):
@@ -35,9 +38,7 @@ def build_model(config, input_shape=None):
                           f"localisation modules; got model.name {m.name}, model.norm {m.norm} "
                           "(batch normalisation would update its statistics twice): use "
                           "isensee2017 with instance or no normalisation")
-    scope = (keras.RematScope(mode=KERAS_REMAT[m.remat]) if m.remat in KERAS_REMAT
-             else contextlib.nullcontext())
-    with scope:
+    with remat_scope(m.remat, m.depth):
         if m.name == "isensee2017":
             return isensee2017(shape, base_filters=m.base_filters, depth=m.depth,
                                dropout=m.dropout, norm=m.norm,
@@ -45,6 +46,19 @@ def build_model(config, input_shape=None):
                                split_concat=m.split_concat, recompute=m.remat == "blocks")
         return unet(shape, base_filters=m.base_filters, depth=m.depth, norm=m.norm,
                     split_concat=m.split_concat)
+
+
+def remat_scope(remat, depth):
+    """The ``keras.RematScope`` a ``keras_*`` value of ``model.remat`` builds the network in
+    (a null context otherwise)."""
+    if remat not in KERAS_REMAT:
+        return contextlib.nullcontext()
+    if remat == "keras_layers":
+        names = [f"{part}{level}_{module}{i}_{kind}" for level in range(depth)
+                 for part, module in (("enc", "ctx"), ("dec", "loc")) for i in (1, 2)
+                 for kind in ("conv", "norm", "act")]
+        return keras.RematScope(mode="list_of_layers", layer_names=names)
+    return keras.RematScope(mode=KERAS_REMAT[remat])
 
 
 def check_input_shape(shape, depth, name="the network"):
