@@ -117,6 +117,17 @@ def main():
     overhead = load("overhead.json")
     if overhead:
         lines += ["## Swap overhead (`make bench-overhead`)", "", overhead["summary_markdown"], ""]
+    peers = load("peers/results.json")
+    if peers:
+        lines += ["## Swapping and its peers (`make bench-peers`)", "",
+                  f"{peers['config']}, batch {peers['batch']}, "
+                  f"{format_bytes(peers['device_memory_bytes'])}, sizes {peers['sizes']}: each "
+                  "peer's largest size searched as `lmstrain maxres` searches (real training "
+                  "trials through the trial harness; `results/peers/<peer>/` holds each "
+                  "sweep's trials).", "", peers["markdown"], "",
+                  f"FLOPs: {peers['flops']}. Bytes copied: {peers['swapped_bytes']}."]
+        lines += [f"- `{source}`: {how}" for source, how in sorted(peers["measure"].items())]
+        lines += [""]
     parallel = load("distribute.json")
     if parallel:
         lines += ["## Several replicas on logical CPUs (`make bench-distribute`)", "",
