@@ -125,7 +125,12 @@ def main():
                   "peer's largest size searched as `lmstrain maxres` searches (real training "
                   "trials through the trial harness; `results/peers/<peer>/` holds each "
                   "sweep's trials).", "", peers["markdown"], "",
-                  f"FLOPs: {peers['flops']}. Bytes copied: {peers['swapped_bytes']}."]
+                  f"FLOPs: {peers['flops']}. Bytes copied: {peers['swapped_bytes']}. Step "
+                  "times: median of two timed steps after two warm-up steps, as the maxres "
+                  "trials run them (without swapping tf.data prefetches the batch; with "
+                  "swapping each batch is built inside the step and the step is profiled). "
+                  "Peaks of identical trials differ by a few percent between processes (the "
+                  "op order varies): see the RematScope modes' trials beside the table's."]
         lines += [f"- `{source}`: {how}" for source, how in sorted(peers["measure"].items())]
         lines += [""]
     parallel = load("distribute.json")
