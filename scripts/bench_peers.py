@@ -22,7 +22,6 @@ sweep folder per peer beside it (resumable: delete bench/results/peers to measur
 import argparse
 import json
 import re
-from math import prod
 from pathlib import Path
 
 from tqdm import tqdm
@@ -58,8 +57,8 @@ def keras_modes(config_path, shape, budget, timeout_s):
         config = load_config(config_path, [f"model.remat={remat}"])
         trial = run_trial_process(config, TrialSpec(shape, 1, False, budget), timeout_s)
         modes[remat] = {"mode": KERAS_REMAT[remat], "status": trial.status,
-                        "reason": first_lines(trial.reason), "measured_peak_bytes": trial.measured_peak_bytes,
-                        "source": trial.source}
+                        "reason": first_lines(trial.reason),
+                        "measured_peak_bytes": trial.measured_peak_bytes, "source": trial.source}
     return modes
 
 

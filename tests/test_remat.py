@@ -105,3 +105,13 @@ def test_blocks_needs_isensee2017_without_batch_normalisation():
         network("blocks", name="unet")
     with pytest.raises(ConfigError, match=r"model.norm batch"):
         network("blocks", norm="batch")
+
+
+def test_blocks_save_and_load_as_keras_files(tmp_path):
+    """fit's checkpoints and predict's load_model: the modules round-trip with their weights."""
+    model = network("blocks")
+    model.save(tmp_path / "blocks.keras")
+    loaded = keras.saving.load_model(tmp_path / "blocks.keras", compile=False)
+    x = np.random.default_rng(0).normal(size=(1, *SHAPE, 4)).astype("float32")
+    assert sum(isinstance(layer, RecomputedModule) for layer in loaded.layers) == 5
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())

@@ -5,9 +5,12 @@ equals the sum of convolving each part with its slice of the kernel's input chan
 owns the one kernel a ``Conv3D`` would own for the concatenated input (same shape, name and
 initialisers), so the two forms are the same layer with the same weights; this one only skips
 materialising the concatenated tensor (``model.split_concat``).
+
+RecomputedModule: a module's layers run under ``tf.recompute_grad`` (``model.remat: blocks``).
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -76,7 +79,8 @@ class RecomputedModule(keras.layers.Layer):
         shape = input_shape
         for stage in self.stages:
             self._stage_shapes.append(shape)
-            stage.build(shape)
+            if not stage.built:  # deserialised stages come built
+                stage.build(shape)
             shape = stage.compute_output_shape(shape)
 
     def compute_output_shape(self, input_shape):
@@ -85,8 +89,6 @@ class RecomputedModule(keras.layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None):
-        import tensorflow as tf
-
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         batch = ops.shape(inputs[0])[0]
         masks = [stage(ops.ones((batch, 1, 1, 1, shape[-1]), dtype=inputs[0].dtype),
