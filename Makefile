@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim bench-maxres \
-        bench-overhead bench-distribute bench-recompute bench-report bench-all
+        bench-overhead bench-distribute bench-recompute bench-peers bench-report bench-all
 
 install: $(STAMP)
 
@@ -59,11 +59,15 @@ bench-distribute: install
 bench-recompute: install
 	$(BIN)/python scripts/bench_recompute.py --out bench/results/recompute.json
 
+# Resumes: delete bench/results/peers to measure again from scratch.
+bench-peers: install
+	$(BIN)/python scripts/bench_peers.py --out bench/results/peers
+
 bench-report: install
 	$(BIN)/python scripts/bench_report.py
 
 bench-all: bench-pipeline bench-lms bench-sim bench-maxres bench-overhead bench-distribute \
-           bench-recompute
+           bench-recompute bench-peers
 	$(MAKE) bench-report
 
 clean-demo:

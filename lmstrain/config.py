@@ -78,6 +78,14 @@ class ModelConfig:
     split_concat: bool = _key(False, "Compute each decoder conv over [skip, upsampled] as the sum "
                                      "of convs over the two parts: the same layer and weights, "
                                      "no concatenated tensor (less memory).")
+    remat: Literal["none", "keras_full", "keras_larger_than", "keras_activations", "keras_layers",
+                   "blocks"] = _key(
+        "none", "Recompute activations in the backward pass instead of keeping them (swapping's "
+                "peers, make bench-peers). keras_<mode>: the network built inside "
+                "keras.RematScope(mode) (keras_layers: list_of_layers naming the context and "
+                "localisation modules' conv, norm and activation layers; keras_full and "
+                "keras_larger_than fail in model.fit on Keras 3.15); blocks: each context and "
+                "localisation module of isensee2017 in tf.recompute_grad.")
 
 
 @dataclass

@@ -121,6 +121,22 @@ def main():
     if recompute:
         lines += ["## Recomputing instead of copying (`make bench-recompute`)", "",
                   recompute["markdown"], "", recompute["measure"], ""]
+    peers = load("peers/results.json")
+    if peers:
+        lines += ["## Swapping and its peers (`make bench-peers`)", "",
+                  f"{peers['config']}, batch {peers['batch']}, "
+                  f"{format_bytes(peers['device_memory_bytes'])}, sizes {peers['sizes']}: each "
+                  "peer's largest size searched as `lmstrain maxres` searches (real training "
+                  "trials through the trial harness; `results/peers/<peer>/` holds each "
+                  "sweep's trials).", "", peers["markdown"], "",
+                  f"FLOPs: {peers['flops']}. Bytes copied: {peers['swapped_bytes']}. Step "
+                  "times: median of two timed steps after two warm-up steps, as the maxres "
+                  "trials run them (without swapping tf.data prefetches the batch; with "
+                  "swapping each batch is built inside the step and the step is profiled). "
+                  "Peaks of identical trials differ by a few percent between processes (the "
+                  "op order varies): see the RematScope modes' trials beside the table's."]
+        lines += [f"- `{source}`: {how}" for source, how in sorted(peers["measure"].items())]
+        lines += [""]
     parallel = load("distribute.json")
     if parallel:
         lines += ["## Several replicas on logical CPUs (`make bench-distribute`)", "",

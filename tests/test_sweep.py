@@ -12,8 +12,9 @@ from lmstrain.config import config_from_dict
 from lmstrain.cli.params import SizeRange
 from lmstrain.errors import UserError
 from lmstrain.planning import harness
-from lmstrain.planning.sweep import (Sweep, SweepOptions, Trial, TrialSpec, run_trial_process,
-                                     scaled_shapes, search_largest)
+from lmstrain.planning.sweep import (RESULT_SECTIONS, Sweep, SweepOptions, Trial, TrialSpec,
+                                     fingerprint, run_trial_process, scaled_shapes,
+                                     search_largest)
 
 
 def fake_runner(limit, log):
@@ -187,3 +188,13 @@ def test_gpu_trials_with_swapping_may_use_the_host_ram_like_fit(monkeypatch):
     assert harness.environment(plain, gpu=False)["TF_CPU_BFC_MEM_LIMIT_IN_MB"] == "1024"
     monkeypatch.setenv("TF_GPU_HOST_MEM_LIMIT_IN_MB", "4096")  # the user's own setting wins
     assert "TF_GPU_HOST_MEM_LIMIT_IN_MB" not in harness.environment(swap, gpu=True)
+
+
+def test_the_swap_settings_of_swap_on_trials_are_part_of_a_sweeps_fingerprint():
+    """A resumed sweep must match them (bench-peers sweeps with settings; a sweep recorded
+    before SweepOptions.swap existed ran the callback's defaults)."""
+    config = {section: {} for section in RESULT_SECTIONS}
+    options = {"mode": "measure", "executor": "cpu", "host_memory": None}
+    before = fingerprint(config, options)
+    assert before == fingerprint(config, {**options, "swap": {}})
+    assert before != fingerprint(config, {**options, "swap": {"min_tensor_bytes": 1}})

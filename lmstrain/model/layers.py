@@ -5,9 +5,12 @@ equals the sum of convolving each part with its slice of the kernel's input chan
 owns the one kernel a ``Conv3D`` would own for the concatenated input (same shape, name and
 initialisers), so the two forms are the same layer with the same weights; this one only skips
 materialising the concatenated tensor (``model.split_concat``).
+
+RecomputedModule: a module's layers run under ``tf.recompute_grad`` (``model.remat: blocks``).
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -48,3 +51,61 @@ class SplitConcatConv3D(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": self.kernel_size, "use_bias": self.use_bias}
+
+
+@keras.saving.register_keras_serializable(package="lmstrain")
+class RecomputedModule(keras.layers.Layer):
+    """A module whose activations are recomputed in the backward pass (``tf.recompute_grad``,
+    ``model.remat: blocks``): the gradient keeps only the module's inputs, and runs the
+    module's layers a second time to get the rest.
+
+    ``stages`` are applied in order; the first may take a list of inputs (a
+    :class:`SplitConcatConv3D`). A ``SpatialDropout3D`` stage draws its mask outside the
+    recomputed function and passes it in, so the recomputation uses the mask of the forward
+    pass (a dropout inside would draw a new one and give wrong gradients). Layers that update
+    state in training (batch normalisation) would update it twice: not allowed.
+    """
+
+    def __init__(self, stages, **kwargs):
+        super().__init__(**kwargs)
+        self.stages = [keras.layers.deserialize(s) if isinstance(s, dict) else s
+                       for s in stages]
+        if any(isinstance(s, keras.layers.BatchNormalization) for s in self.stages):
+            raise ValueError("RecomputedModule cannot hold BatchNormalization: the recomputation "
+                             "would update its moving statistics twice")
+
+    def build(self, input_shape):
+        self._stage_shapes = []  # each stage's input shape
+        shape = input_shape
+        for stage in self.stages:
+            self._stage_shapes.append(shape)
+            if not stage.built:  # deserialised stages come built
+                stage.build(shape)
+            shape = stage.compute_output_shape(shape)
+
+    def compute_output_shape(self, input_shape):
+        for stage in self.stages:
+            input_shape = stage.compute_output_shape(input_shape)
+        return input_shape
+
+    def call(self, inputs, training=None):
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        batch = ops.shape(inputs[0])[0]
+        masks = [stage(ops.ones((batch, 1, 1, 1, shape[-1]), dtype=inputs[0].dtype),
+                       training=training)
+                 for stage, shape in zip(self.stages, self._stage_shapes)
+                 if isinstance(stage, keras.layers.SpatialDropout3D)]
+
+        def forward(*tensors):
+            x = list(tensors[:len(inputs)]) if len(inputs) > 1 else tensors[0]
+            given = iter(tensors[len(inputs):])
+            for stage in self.stages:
+                is_dropout = isinstance(stage, keras.layers.SpatialDropout3D)
+                x = ops.multiply(x, next(given)) if is_dropout else stage(x)
+            return x
+
+        return tf.recompute_grad(forward)(*inputs, *masks)
+
+    def get_config(self):
+        return {**super().get_config(),
+                "stages": [keras.layers.serialize(s) for s in self.stages]}

@@ -31,7 +31,9 @@ run in deepcopy mode, so each really copies. What the result holds:
   the checks of the plan (swap nodes live after Grappler, swap-ins started after their
   trigger);
 - ``measured_peak_bytes`` and ``source`` / ``measure``: the trial's peak and how it was
-  obtained (:data:`SOURCES`).
+  obtained (:data:`SOURCES`);
+- ``executed_convolutions``: convolution ops in the step's post-optimisation graph (so a
+  recomputed convolution Grappler did not merge away counts twice).
 """
 
 import json
@@ -206,7 +208,8 @@ def measure(req: dict) -> dict:
         timed = probe.times[WARMUP_STEPS:WARMUP_STEPS + req["timed_steps"]] or probe.times[-1:]
         result.update(step_time_s=statistics.median(timed), step_times_s=timed,
                       allocator_peak_bytes=probe.memory_after["peak"],
-                      allocator_before_bytes=probe.memory_before["current"])
+                      allocator_before_bytes=probe.memory_before["current"],
+                      executed_convolutions=executed_convolutions(recorded.run_metadata))
         if req["profile"]:
             fresh = req["batches"] == "fresh"
             result.update(profiled_peaks(logdir, recorded.run_metadata, COMPUTE,
@@ -237,6 +240,14 @@ def _build(req, steps):
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=app["loss"], jit_compile=False)
     return (model, random_batches(shape, batch, req["batches"], kwargs.get("classes", 1000)),
             [voxels * 4, batch * 4])
+
+
+def executed_convolutions(run_metadata) -> int:
+    """Convolution ops (forward and gradients) in the largest post-optimisation function graph
+    of ``run_metadata``: the training step as Grappler left it, recomputations included."""
+    graphs = [f.post_optimization_graph for f in run_metadata.function_graphs]
+    step = max(graphs, key=lambda graph: len(graph.node), default=None)
+    return sum("Conv" in node.op for node in step.node) if step else 0
 
 
 def _verdict(result, source, budget):

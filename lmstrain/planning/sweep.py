@@ -145,6 +145,7 @@ class SweepOptions:
     timeout_s: float = 900.0
     host_memory: int | None = None  # for swapped tensors; None = not a limit (only reported)
     executor: str | None = None
+    swap: dict = field(default_factory=dict)  # SwapSettings fields of the swap-on trials
 
     @classmethod
     def from_config(cls, config: Config, sizes: list[int] | None = None,
@@ -197,6 +198,7 @@ def fingerprint(config: dict, options: dict) -> dict:
     found = {f"{section}.{key}": value for section in RESULT_SECTIONS
              for key, value in config[section].items()}
     found.update({flag: options[name] for name, flag in RESULT_OPTIONS.items()})
+    found["swap settings"] = options.get("swap", {})  # sweeps recorded before: the defaults
     return json.loads(json.dumps(found))  # tuples as JSON has them: lists
 
 
@@ -305,7 +307,7 @@ class Sweep:
             specs = [TrialSpec(shape, batch, swap, budget)
                      for _edge, shape in scaled_shapes(self.config.data.shape, o.sizes,
                                                        self.divisor)]
-        best, trials = search_largest(specs, self._trial, self._seed(specs))
+        best, trials = search_largest(specs, self.trial, self._seed(specs))
         self.trials.extend(t for t in trials if t not in self.trials)
         row = {"device_memory_bytes": budget, "batch": batch, "lms": swap,
                "max_size": None, "max_shape": None, "max_voxels": None,
@@ -342,15 +344,15 @@ class Sweep:
         simulate mode auto-tunes the settings for the budget, as ``lmstrain plan`` does.
         """
         if spec not in self._estimates:
-            swap = (True if self.options.mode == "simulate" else SwapSettings()) if spec.lms \
-                else False
+            swap = (True if self.options.mode == "simulate"
+                    else SwapSettings(**self.options.swap)) if spec.lms else False
             fits, limit, estimate, _settings = check_size(
                 self.config, spec.shape, spec.batch, spec.device_memory_bytes, swap,
                 self.options.executor, self.options.host_memory)
             self._estimates[spec] = (fits, limit, estimate)
         return self._estimates[spec]
 
-    def _trial(self, spec):
+    def trial(self, spec: TrialSpec) -> Trial:
         """The trial at ``spec``: reused from an earlier run of this sweep, or run now."""
         path = self.trial_dir / f"{spec.key}.json"
         if path.exists():
@@ -373,7 +375,7 @@ class Sweep:
                           source=f"simulated ({self.options.executor} executor order)")
         else:
             trial = run_trial_process(self.config, spec, self.options.timeout_s,
-                                      self.out_dir / SCRATCH)
+                                      self.out_dir / SCRATCH, self.options.swap)
         if estimate is not None:
             trial.predicted_peak_bytes = int(estimate.peak_bytes)
             trial.extra.update(predicted_bound_bytes=int(estimate.bound_bytes),
@@ -426,16 +428,18 @@ def _trial_of(trials, spec):
 
 
 def run_trial_process(config: Config, spec: TrialSpec, timeout_s: float,
-                      workdir: Path | None = None) -> Trial:
+                      workdir: Path | None = None, swap: dict | None = None) -> Trial:
     """Run one trial through the harness (a fresh process); classify how it ended.
 
     Trials with swapping build each batch inside the step and are profiled (their peak is
     device-attributed); trials without keep tf.data's prefetch under a capped allocator.
     ``workdir``: where the trial's request and result files go (see
-    :func:`~lmstrain.planning.harness.run_trial`).
+    :func:`~lmstrain.planning.harness.run_trial`); ``swap``: SwapSettings fields of a swap-on
+    trial (None: the callback's defaults).
     """
     req = harness.request(config.to_dict(), spec.shape, spec.batch,
-                          swap={} if spec.lms else None, budget_bytes=spec.device_memory_bytes,
+                          swap=(swap or {}) if spec.lms else None,
+                          budget_bytes=spec.device_memory_bytes,
                           batches="fresh" if spec.lms else "prefetched",
                           timed_steps=2, profile=spec.lms)
     result = harness.run_trial(req, timeout_s, workdir=workdir)
