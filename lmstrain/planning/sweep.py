@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lmstrain import locking
 from lmstrain.atomic import atomic_path, write_text
-from lmstrain.config import Config
+from lmstrain.config import Config, config_from_dict
 from lmstrain.errors import UserError
 from lmstrain.lms.settings import SwapSettings
 from lmstrain.model.unet3d import divisor
@@ -281,7 +281,10 @@ class Sweep:
             raise UserError(f"{self.out_dir}: cannot tell which config made its trials (no "
                             f"{RECORD}); choose another --out")
         recorded = json.loads(record.read_text())
-        before = fingerprint(recorded["config"], recorded["options"])
+        # Keys added to the schema since the sweep was recorded take their defaults, the
+        # settings its trials ran with.
+        before = fingerprint(config_from_dict(recorded["config"]).to_dict(),
+                             recorded["options"])
         now = fingerprint(self.config.to_dict(), asdict(self.options))
         changed = [f"{key} {before.get(key)} -> {now.get(key)}"
                    for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
