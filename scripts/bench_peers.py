@@ -177,8 +177,9 @@ def main():
               "common_size": args.common_size, "keras_modes": modes, "peers": rows,
               "measure": {source: SOURCES[source] for r in rows for source in r["sources"]},
               "flops": "counted by the simulator on the traced training step "
-                       "(lmstrain.lms.sim: convolutions and matrix products, 2 per multiply-add, "
-                       "the ops the step's outputs need; recomputed convolutions included)",
+                       "(lmstrain.lms.sim.dataflow.flops: convolutions and matrix products, 2 per "
+                       "multiply-add, element-wise ops one per element; the ops the step's outputs "
+                       "need; recomputed ops included)",
               "swapped_bytes": "bytes the swap nodes of the plan verified in the executed "
                                "(post-optimisation) step graph copy to the host per step"}
     result["markdown"] = markdown(rows, modes, args.common_size, budget)
