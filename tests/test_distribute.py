@@ -23,6 +23,7 @@ from lmstrain.errors import ConfigError
 from lmstrain.lms import LMS, record_graphs, verify_swaps
 from lmstrain.lms.errors import LMSParameterError
 from lmstrain.lms.profile import replay as measure
+from profiling import ProfileStep
 
 REPLICAS = ["/CPU:0", "/CPU:1"]
 HOSTS = ["CPU:2", "CPU:3"]
@@ -132,19 +133,6 @@ def test_a_missing_replica_device_is_a_one_line_error(tmp_path, tiny_config):
     assert "train.devices: /CPU:7 is not a device of this machine" in result.output
     assert "Traceback" not in result.output
 
-
-class ProfileStep(keras.callbacks.Callback):
-    def __init__(self, step, logdir):
-        super().__init__()
-        self.step, self.logdir = step, str(logdir)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == self.step:
-            tf.profiler.experimental.start(self.logdir)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == self.step:
-            tf.profiler.experimental.stop()
 
 
 def train_mobilenet(lms=None, profile_dir=None):

@@ -8,12 +8,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from lmstrain.lms import LMS, record_graphs, verify_swaps
 from lmstrain.lms.profile import replay as measure
 from lmstrain.model.unet3d import isensee2017
+from profiling import ProfileStep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,19 +90,6 @@ def test_the_batch_tf_data_builds_is_attributed_to_iterator_get_next(tmp_path):
         ("IteratorGetNext", 8, 30, "output")]
     assert [b.op for b in buffers] == ["", "", "IteratorGetNext", ""]
 
-
-class ProfileStep(keras.callbacks.Callback):
-    def __init__(self, step, logdir):
-        super().__init__()
-        self.step, self.logdir = step, str(logdir)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == self.step:
-            tf.profiler.experimental.start(self.logdir)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == self.step:
-            tf.profiler.experimental.stop()
 
 
 def test_swap_ins_start_after_their_trigger_finished(tmp_path):

@@ -5,7 +5,6 @@ swapped. The CPU is split into /CPU:0 and /CPU:1 (and more) by tests/conftest.py
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from lmstrain.config import config_from_dict
 from lmstrain.errors import ConfigError
@@ -14,20 +13,8 @@ from lmstrain.lms.profile import replay as measure
 from lmstrain.lms.sim.trace import batch_specs, estimate_trace, trace_train_step
 from lmstrain.model.training import training_model
 from lmstrain.model.unet3d import isensee2017
+from profiling import ProfileStep
 
-
-class ProfileStep(keras.callbacks.Callback):
-    def __init__(self, step, logdir):
-        super().__init__()
-        self.step, self.logdir = step, str(logdir)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == self.step:
-            tf.profiler.experimental.start(self.logdir)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == self.step:
-            tf.profiler.experimental.stop()
 
 
 def train(lms=None, profile_dir=None):
