@@ -4,8 +4,9 @@ The traced step is one flat graph. Ops created before the first ``gradient_tape/
 forward pass (model, loss, metrics), ops up to the last ``gradient_tape/`` op are the backward
 pass (this range also catches the gradient-summing ``AddN`` ops, which have no scope), the rest
 apply the update. Under a ``tf.distribute`` strategy one traced function holds every replica's
-step; :meth:`StepGraph.analyse` then takes one replica's ops (those on its device). Levels form the categorised topological order of TFLMS v2: an op's level is
-the length of the longest path reaching it, over data and control edges.
+step; :meth:`StepGraph.analyse` then takes one replica's ops (those on its device). Levels form
+the categorised topological order of TFLMS v2: an op's level is the length of the longest path
+reaching it, over data and control edges.
 """
 
 import functools

@@ -319,12 +319,11 @@ def _recompute(step, plan, settings):
         ops, sources = segment
         kept = []
         for swap_in in entry.swap_ins:
-            consumers = [graph.get_operation_by_name(n) for n in swap_in.consumers]
-            serving = _serving_swap_ins(step, sources, consumers, swapped)
+            serving = _serving_swap_ins(step, sources, swap_in, swapped)
             if serving is None:
                 kept.append(swap_in)
                 continue
-            first = min(step.level[c] for c in consumers)
+            first = _first_level(step, swap_in)
             for source, index in serving:
                 source_in = swapped[source].swap_ins[index]
                 if any(step.level[graph.get_operation_by_name(t)] >= first
@@ -348,11 +347,6 @@ def _merge_into_serving(step, plan):
     levels of a swap-in that serves a recomputation join it: that copy is back on the device
     already (a normalisation's input, read by both halves of the normalisation's gradient,
     comes back once)."""
-    graph = step.graph
-
-    def first_level(swap_in):
-        return min(step.level[graph.get_operation_by_name(n)] for n in swap_in.consumers)
-
     serving = {}
     for r in plan.recomputed:
         for source, index in r.sources:
@@ -363,13 +357,11 @@ def _merge_into_serving(step, plan):
         keep = sorted(serving[entry.tensor])
         moved = {}
         for index, swap_in in enumerate(entry.swap_ins):
-            if index in keep or not all(
-                    step.phase.get(graph.get_operation_by_name(n)) == BACKWARD
-                    for n in swap_in.consumers):
+            if index in keep or not _in_backward(step, swap_in):
                 continue
-            target = min(keep, key=lambda k: abs(first_level(entry.swap_ins[k])
-                                                 - first_level(swap_in)))
-            if abs(first_level(entry.swap_ins[target]) - first_level(swap_in)) \
+            target = min(keep, key=lambda k: abs(_first_level(step, entry.swap_ins[k])
+                                                 - _first_level(step, swap_in)))
+            if abs(_first_level(step, entry.swap_ins[target]) - _first_level(step, swap_in)) \
                     <= RECOMPUTE_WINDOW:
                 moved[index] = target
         if not moved:
@@ -416,23 +408,31 @@ def _recompute_segment(step, producer, swapped, settings):
     return sorted(ops, key=_tf.creation_index), sorted(sources)
 
 
-def _serving_swap_ins(step, sources, consumers, swapped):
-    """For each source, the index of its swap-in whose consumers run nearest to
-    ``consumers`` (within ``RECOMPUTE_WINDOW`` levels); None if a source has none."""
-    graph = step.graph
-    first = min(step.level[c] for c in consumers)
+def _serving_swap_ins(step, sources, swap_in, swapped):
+    """For each source, the index of its swap-in whose consumers run nearest to those of
+    ``swap_in`` (within ``RECOMPUTE_WINDOW`` levels); None if a source has none."""
+    first = _first_level(step, swap_in)
     chosen = []
     for source in sources:
-        distance = [(abs(min(step.level[graph.get_operation_by_name(n)] for n in i.consumers)
-                         - first), index)
+        distance = [(abs(_first_level(step, i) - first), index)
                     for index, i in enumerate(swapped[source].swap_ins)
-                    if all(step.phase.get(graph.get_operation_by_name(n)) == BACKWARD
-                           for n in i.consumers)]
+                    if _in_backward(step, i)]
         best = min(distance, default=None)
         if best is None or best[0] > RECOMPUTE_WINDOW:
             return None
         chosen.append((source, best[1]))
     return chosen
+
+
+def _first_level(step, swap_in):
+    """The level of ``swap_in``'s first consumer."""
+    return min(step.level[step.graph.get_operation_by_name(n)] for n in swap_in.consumers)
+
+
+def _in_backward(step, swap_in):
+    """True if every consumer of ``swap_in`` is a backward op."""
+    return all(step.phase.get(step.graph.get_operation_by_name(n)) == BACKWARD
+               for n in swap_in.consumers)
 
 
 def _far(step, producer, consumers, threshold):
