@@ -227,6 +227,7 @@ def config_from_dict(raw, overrides=()):
     config = _build(Config, raw, "")
     swap_settings(config)  # the swap settings' own checks, before anything runs
     _check_shape(config)
+    _check_recompute(config)
     _check_distribute(config)
     _check_run_name(config.output.name)
     for dotted, _tp, _default, _help in schema_keys():  # defaults such as output.root: runs
@@ -437,6 +438,14 @@ def misfit_edges(shape, depth: int) -> tuple[list[int], list[int]]:
     bad = [s for s in shape if s % d or s < d]
     near = sorted({max(d, s // d * d) for s in bad} | {(s // d + 1) * d for s in bad})
     return bad, near
+
+
+def _check_recompute(config):
+    """``lms.recompute: auto`` is decided by auto-tune."""
+    if config.lms.recompute == "auto" and not config.lms.autotune:
+        raise ConfigError("lms.recompute: auto is decided by auto-tune; set lms.autotune: true "
+                          "(with lms.device_memory on a machine without a GPU), or choose none "
+                          "or cheap")
 
 
 def _check_shape(config):

@@ -1,6 +1,8 @@
 """``lms.recompute: cheap``: cheap forward tensors recomputed in the backward pass instead of
 swapped. The CPU is split into /CPU:0 and /CPU:1 (and more) by tests/conftest.py. Adds about
-40 seconds to the default run."""
+a minute to the default run."""
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -8,11 +10,12 @@ import pytest
 
 from lmstrain.config import config_from_dict
 from lmstrain.errors import ConfigError
-from lmstrain.lms import LMS, SwapSettings, record_graphs, verify_swaps
+from lmstrain.lms import LMS, LMSParameterError, SwapSettings, record_graphs, verify_swaps
 from lmstrain.lms.profile import replay as measure
 from lmstrain.lms.sim.trace import batch_specs, estimate_trace, trace_train_step
 from lmstrain.model.training import training_model
 from lmstrain.model.unet3d import isensee2017
+from lmstrain.planning.simulate import autotune_step, simulate_step
 from profiling import ProfileStep
 
 
@@ -50,6 +53,14 @@ def test_recomputing_trains_bit_for_bit_and_copies_less(tmp_path):
     swapped = {s.tensor for s in plan.swapped}
     assert sum(name not in swapped for name in recomputed) >= 10  # not copied out at all
     assert plan.swapped_bytes < 0.75 * swap_plan.swapped_bytes
+    # An up-path activation is recomputed once both slices of the concatenation's gradient
+    # are made, and its source comes back after the skip connection's slice has gone out.
+    up = next(r for name, r in recomputed.items() if name.endswith("dec0_up_act_1/LeakyRelu:0")
+              or name.endswith("dec0_up_norm_1/Reshape_3:0"))
+    assert {t.rpartition("/")[2] for t in up.trigger} >= {"Slice", "Slice_1"}
+    source, index = up.sources[0]
+    serving = next(s for s in plan.swapped if s.tensor == source).swap_ins[index]
+    assert any(t.endswith("dec0_concat_1/Slice:0") for t in serving.after_swap_outs)
     totals = plan.totals()
     assert totals["recomputed_tensors"] == len(plan.recomputed) and totals["recompute_ops"] > 10
     # The repeated ops survive Grappler on the compute device, every swap node is live, and
@@ -79,6 +90,29 @@ def test_the_simulator_models_recomputation_as_the_rewrite_makes_it():
 
 
 def test_recompute_is_a_checked_setting():
-    with pytest.raises(ConfigError, match=r"lms\.recompute: expected one of none, cheap, got 'all'"):
+    with pytest.raises(ConfigError,
+                       match=r"lms\.recompute: expected one of none, cheap, auto, got .all."):
         config_from_dict({"lms": {"recompute": "all"}})
     assert config_from_dict({"lms": {"recompute": "cheap"}}).lms.recompute == "cheap"
+
+
+def test_auto_tune_recomputes_when_the_tuned_plan_still_fits_no_higher():
+    config = config_from_dict({"model": {"base_filters": 4, "depth": 3},
+                               "lms": {"autotune": True, "recompute": "auto"}})
+    shape = (32, 32, 32)
+    plain = simulate_step(config, shape, 1, executor="cpu")
+    budget = (plain.bound_bytes + plain.peak_bytes) // 2
+    choice = autotune_step(config, shape, 1, budget, "cpu")
+    assert {settings["recompute"] for settings, _ in choice.tried} == {"none", "cheap"}
+    assert choice.settings.recompute == "cheap" and "recompute=cheap" in choice.summary()
+    swap_only = simulate_step(config, shape, 1, executor="cpu",
+                              plan=dataclasses.replace(choice.settings, recompute="none"))
+    assert choice.peak_bytes <= min(budget, swap_only.peak_bytes)
+    assert choice.estimate.swapped_bytes < swap_only.swapped_bytes
+
+
+def test_auto_recompute_needs_auto_tune():
+    with pytest.raises(ConfigError, match=r"lms\.recompute: auto is decided by auto-tune"):
+        config_from_dict({"lms": {"recompute": "auto"}})
+    with pytest.raises(LMSParameterError, match="recompute='auto' is decided by auto-tune"):
+        LMS(recompute="auto")

@@ -102,6 +102,11 @@ class LMS(keras.callbacks.Callback):
         super().__init__()
         self.settings = _settings(settings, swap_settings)
         check_choice("autotune", autotune, (True, False))
+        if self.settings.recompute == "auto" and not autotune:
+            raise LMSParameterError(
+                "LMS recompute='auto' is decided by auto-tune: pass autotune=True (lms.autotune: "
+                "true) with a device memory budget, or choose recompute 'none' or 'cheap'.",
+                key="recompute")
         check_choice("verify", verify, (True, False))
         check_choice("copy_mode", copy_mode, COPY_MODES)
         for name, value in (("device_memory", device_memory), ("batch_size", batch_size)):

@@ -121,12 +121,15 @@ class SwapIn:
     """One copy back to the compute device, shared by ``consumers``, started after ``trigger``.
 
     ``frees_before`` holds ``[consumer, op]`` pairs: ``op`` waits for ``consumer``.
+    ``after_swap_outs`` names swapped tensors whose swap-outs it waits for (their device
+    buffers are freed before it allocates).
     """
 
     consumers: list[str]
     trigger: list[str]
     name: str = ""
     frees_before: list[list[str]] = field(default_factory=list)
+    after_swap_outs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -328,18 +331,34 @@ def _recompute(step, plan, settings):
                 source_in = swapped[source].swap_ins[index]
                 if any(step.level[graph.get_operation_by_name(t)] >= first
                        for t in source_in.trigger):
-                    source_in.trigger = list(swap_in.trigger)
+                    source_in.trigger = _with_siblings(step, swap_in.trigger, first)
             plan.recomputed.append(Recompute(
                 tensor=entry.tensor, producer=entry.producer, producer_type=entry.producer_type,
                 bytes=entry.bytes, ops=[op.name for op in ops],
                 sources=[list(s) for s in serving], consumers=list(swap_in.consumers),
-                trigger=list(swap_in.trigger), frees_before=list(swap_in.frees_before)))
+                trigger=_inputs_ready(step, swap_in) or list(swap_in.trigger),
+                frees_before=list(swap_in.frees_before)))
         if len(kept) < len(entry.swap_ins):
             entry.swap_ins = kept
             if not kept:
                 plan.swapped.remove(entry)
                 del swapped[entry.tensor]
     _merge_into_serving(step, plan)
+    _after_trigger_swap_outs(step, plan)
+
+
+def _after_trigger_swap_outs(step, plan):
+    """A swap-in serving a recomputation waits for the swap-outs of what its triggers make (a
+    concatenation gradient's slice for the skip connection): with the slice still on the
+    device, the source and the recomputed tensor would be held beside it."""
+    swapped = {s.tensor for s in plan.swapped}
+    for r in plan.recomputed:
+        for source, index in r.sources:
+            swap_in = next(s for s in plan.swapped if s.tensor == source).swap_ins[index]
+            made = [t.name for name in swap_in.trigger
+                    for t in step.graph.get_operation_by_name(name).outputs]
+            swap_in.after_swap_outs = list(dict.fromkeys(
+                swap_in.after_swap_outs + [t for t in made if t in swapped and t != source]))
 
 
 def _merge_into_serving(step, plan):
@@ -422,6 +441,32 @@ def _serving_swap_ins(step, sources, swap_in, swapped):
             return None
         chosen.append((source, best[1]))
     return chosen
+
+
+def _inputs_ready(step, swap_in):
+    """The backward ops making the other inputs of ``swap_in``'s first consumers, and the
+    other readers of those ops' inputs. A recomputation that waits for them runs just before
+    it is read, once the gradient its consumers' inputs were sliced or computed from is
+    freed: unlike a copy it needs no lead time, and run earlier it would hold its output
+    beside that gradient (a concatenation's gradient and its two slices)."""
+    first = _first_level(step, swap_in)
+    makers = [t.op.name for name in swap_in.consumers
+              for consumer in [step.graph.get_operation_by_name(name)]
+              if step.level[consumer] == first for t in consumer.inputs
+              if step.phase.get(t.op) == BACKWARD]
+    return _with_siblings(step, makers, first)
+
+
+def _with_siblings(step, names, first):
+    """``names`` and the other backward readers of their ops' inputs that run before level
+    ``first`` (waiting for them cannot wait for anything at ``first`` or later) and do work
+    (an edge from an unused gradient would make it run), triggers only."""
+    ops = [step.graph.get_operation_by_name(name) for name in names]
+    siblings = [reader for op in ops for t in op.inputs for reader in _consumers(t)
+                if step.phase.get(reader) == BACKWARD and reader in step.useful
+                and step.level[reader] < first]
+    return list(dict.fromkeys(op.name for op in ops + siblings
+                              if op.type not in NEVER_TRIGGER_TYPES and op not in step.folded))
 
 
 def _first_level(step, swap_in):
@@ -854,6 +899,8 @@ def find_cycle(step, plan):
         for index, swap_in in enumerate(s.swap_ins):
             back = f"<swap-in {index} of {s.tensor}>"
             edge(out, back)
+            for tensor in swap_in.after_swap_outs:
+                edge(f"<swap-out of {tensor}>", back)
             for name in swap_in.trigger:
                 edge(name, back)
             for name in swap_in.consumers:

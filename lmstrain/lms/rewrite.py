@@ -3,10 +3,11 @@
 For each swapped tensor: a swap-out copy on the host device and one swap-in copy per consumer
 group on the compute device, under the absolute name scope ``<producer>/lms/t<trace>_<i>/``. The
 grouped consumers read the swap-in instead of the original; the swap-in waits for its
-trigger ops; in ``swapout`` sync mode the producer's forward consumers wait for the swap-out so
-the original can be freed as soon as the forward pass is done with it; the ops a swap-in
-``frees_before`` wait for its consumers, so the copy is freed before they allocate; the second
-op of each of the plan's ``orderings`` waits for the first. Each recomputation repeats its ops
+trigger ops and the swap-outs it is ``after_swap_outs``; in ``swapout`` sync mode the producer's
+forward consumers wait for the swap-out so the original can be freed as soon as the forward pass
+is done with it; the ops a swap-in ``frees_before`` wait for its consumers, so the copy is freed
+before they allocate; the second op of each of the plan's ``orderings`` waits for the first.
+Each recomputation repeats its ops
 on the compute device under ``<producer>/lms/t<trace>_<i>/recompute/``, reading the sources'
 swap-ins, and its consumers read the repeated tensor.
 """
@@ -56,6 +57,11 @@ def apply_plan(step: StepGraph, plan: SwapPlan) -> None:
                                                   graph.get_operation_by_name(first))
             for name in swapped.wait_for_swap_out:
                 _tf.add_control_input(graph.get_operation_by_name(name), host_copy.op)
+        swap_outs = {s.tensor: graph.get_operation_by_name(s.swap_out) for s in plan.swapped}
+        for swap_in in plan.swap_ins:
+            for tensor in swap_in.after_swap_outs:
+                _tf.add_control_input(graph.get_operation_by_name(swap_in.name),
+                                      swap_outs[tensor])
         _recompute(graph, plan, swapped_in)
         for first, then in plan.orderings:
             _tf.add_control_input(graph.get_operation_by_name(then),

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from lmstrain.lms.errors import LMSParameterError
 
 SYNC_MODES = ("async", "swapout", "swapin", "both")
-RECOMPUTE_MODES = ("none", "cheap")
+RECOMPUTE_MODES = ("none", "cheap", "auto")
 SyncMode = Literal["async", "swapout", "swapin", "both"]
 SYNC_SWAPOUT = frozenset({"swapout", "both"})
 SYNC_SWAPIN = frozenset({"swapin", "both"})
@@ -44,10 +44,12 @@ class SwapSettings:
         (), "Only swap outputs of ops under these name scopes.")
     exclude_scopes: tuple[str, ...] = _setting(
         (), "Never swap outputs of ops under these name scopes.")
-    recompute: Literal["none", "cheap"] = _setting(
+    recompute: Literal["none", "cheap", "auto"] = _setting(
         "none", "cheap: instead of swapping the output of cheap element-wise ops (normalisation "
                 "arithmetic, activations, adds, reshapes), recompute it in the backward pass "
-                "from a tensor that is swapped in anyway; none: swap it.")
+                "from a tensor that is swapped in anyway; none: swap it; auto: auto-tune "
+                "simulates its plan both ways and recomputes when that still fits with a "
+                "predicted peak no higher (needs autotune).")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -29,6 +29,9 @@ class SwapCheck:
     # edges whose trigger Grappler removed (e.g. a division folded away), handing the swap-in's
     # wait to an op before it: the swap-in still waits, a little earlier than planned
     forwarded_trigger_edges: list = field(default_factory=list)
+    # edges Grappler dropped as implied: the swap-in waits for the swap-out of the trigger's
+    # output (``SwapIn.after_swap_outs``), which waits for the trigger
+    implied_trigger_edges: list = field(default_factory=list)
     recompute_ops: int = 0
     live_recompute_ops: int = 0
 
@@ -36,7 +39,7 @@ class SwapCheck:
     def ok(self):
         return (self.found and self.live_swap_nodes == self.swap_nodes
                 and self.intact_trigger_edges + len(self.forwarded_trigger_edges)
-                == self.trigger_edges and self.live_recompute_ops == self.recompute_ops)
+                + len(self.implied_trigger_edges) == self.trigger_edges and self.live_recompute_ops == self.recompute_ops)
 
     def summary(self, plan):
         """E.g. ``LMS: 37 tensors swapped, 412.0 MiB/step, 81/81 swap nodes live after Grappler,
@@ -48,11 +51,13 @@ class SwapCheck:
                            "while creating variables)")
         forwarded = (f" ({len(self.forwarded_trigger_edges)} forwarded to an earlier op: Grappler "
                      f"removed their trigger)" if self.forwarded_trigger_edges else "")
+        implied = (f" ({len(self.implied_trigger_edges)} implied by a wait for the swap-out of "
+                   f"the trigger's output)" if self.implied_trigger_edges else "")
         recomputed = (f", {self.live_recompute_ops}/{self.recompute_ops} recompute ops live"
                       if self.recompute_ops else "")
         return head + (f"{self.live_swap_nodes}/{self.swap_nodes} swap nodes live after Grappler, "
                        f"{self.intact_trigger_edges}/{self.trigger_edges} trigger edges intact"
-                       f"{forwarded}{recomputed}")
+                       f"{forwarded}{implied}{recomputed}")
 
 
 class RecordedGraphs:
@@ -115,6 +120,9 @@ def _check(plan, graphs):
     names = plan.swap_nodes
     edges = [(i.name, t) for s in plan.swapped for i in s.swap_ins for t in i.trigger]
     triggers = {i.name: i.trigger for i in plan.swap_ins}
+    swap_outs = {s.tensor: s.swap_out for s in plan.swapped}
+    through = {(i.name, t.rpartition(":")[0]): swap_outs[t] for i in plan.swap_ins
+               for t in i.after_swap_outs}
     clones = list(dict.fromkeys(c for r in plan.recomputed for c in r.clones))
     check = SwapCheck(plan.function, plan.trace, len(names), 0, len(edges), 0, found=False,
                       replica=plan.replica, recompute_ops=len(clones))
@@ -139,6 +147,9 @@ def _check(plan, graphs):
         controls = [i[1:] for i in node.input if i.startswith("^")] if node else []
         if any(c == trigger or c.endswith("/" + trigger) for c in controls):
             check.intact_trigger_edges += 1
+        elif (swap_in, trigger) in through and _waits_for(graph.optimised.get(swap_in),
+                                                          through[(swap_in, trigger)]):
+            check.implied_trigger_edges.append(f"^{trigger} -> {swap_in}")
         elif trigger not in graph.optimised and any(
                 not any(c == t or c.endswith("/" + t) for t in triggers[swap_in])
                 for c in controls):  # a control input the plan did not make: the forwarded one
@@ -153,3 +164,8 @@ def _check(plan, graphs):
             check.missing.append(name)
     return check
 
+
+def _waits_for(node, name):
+    """True if ``node`` (of the optimised graph) has a control input from op ``name``."""
+    return node is not None and any(i[1:] == name or i[1:].endswith("/" + name)
+                                    for i in node.input if i.startswith("^"))

@@ -281,6 +281,7 @@ def _swap_checks(lms, run_metadata, logdir):
         result.update(swap_nodes=check.swap_nodes, live_swap_nodes=check.live_swap_nodes,
                       trigger_edges=check.trigger_edges,
                       intact_trigger_edges=check.intact_trigger_edges,
+                      implied_trigger_edges=len(check.implied_trigger_edges),
                       live_recompute_ops=check.live_recompute_ops)
     if logdir:
         timings = replay.swapin_timings(replay.op_runs(replay.load_xspace(logdir)), [plan])

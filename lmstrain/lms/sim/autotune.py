@@ -3,7 +3,9 @@
 The search follows TFLMS v2's: with the prefetch distance and grouping fixed, find the
 largest ``swapout_threshold`` (fewest tensors swapped) whose predicted peak fits; then the
 largest ``swapin_ahead`` that still fits (the earliest safe prefetch); then the largest
-``swapin_groupby`` (fewest swap-ins). Each candidate is planned by the same
+``swapin_groupby`` (fewest swap-ins); with ``recompute: auto``, the chosen plan is simulated
+again with cheap tensors recomputed and kept that way when it fits with a predicted peak no
+higher (it copies fewer bytes). Each candidate is planned by the same
 :func:`~lmstrain.lms.plan.make_plan` the callback uses and simulated on the traced step
 (:func:`~lmstrain.lms.sim.simrewrite.with_plan`). When the step fits without swapping, nothing is
 swapped. When even the physical bound (weights, optimizer state, gradients and the largest
@@ -43,7 +45,9 @@ class Choice:
             return (f"LMS auto-tune: the step fits in {format_bytes(self.budget_bytes)} without "
                     f"swapping (predicted peak {format_bytes(self.peak_bytes)})")
         return (f"LMS auto-tune: swapout_threshold={s.swapout_threshold}, swapin_ahead="
-                f"{s.swapin_ahead}, swapin_groupby={s.swapin_groupby}: {self.swapped_tensors} "
+                f"{s.swapin_ahead}, swapin_groupby={s.swapin_groupby}"
+                f"{', recompute=' + s.recompute if s.recompute != 'none' else ''}: "
+                f"{self.swapped_tensors} "
                 f"tensors ({format_bytes(self.swapped_bytes)}) swapped per step, predicted peak "
                 f"{format_bytes(self.peak_bytes)} of {format_bytes(self.budget_bytes)} "
                 f"({len(self.tried)} candidates simulated)")
@@ -55,6 +59,9 @@ def tune(step: StepGraph, flow: Dataflow, base: SwapSettings, budget: int, targe
     from ``base`` (filters, sync mode and minimum size are kept).
     """
     tried = []
+    recompute = base.recompute
+    if recompute == "auto":
+        base = dataclasses.replace(base, recompute="none")
 
     def evaluate(settings):
         plan = plan_swaps(step, settings, target, function=flow.function, trace=0,
@@ -82,7 +89,13 @@ def tune(step: StepGraph, flow: Dataflow, base: SwapSettings, budget: int, targe
     chosen = dataclasses.replace(chosen, swapin_ahead=ahead)
     groupby = _largest(lambda g: fits(dataclasses.replace(chosen, swapin_groupby=g)), 0, levels)
     chosen = dataclasses.replace(chosen, swapin_groupby=groupby)
-    return _choice(chosen, evaluate(chosen), budget, tried)
+    result = evaluate(chosen)
+    if recompute == "auto":
+        recomputing = dataclasses.replace(chosen, recompute="cheap")
+        alternative = evaluate(recomputing)
+        if alternative.fits(budget) and alternative.peak_bytes <= result.peak_bytes:
+            chosen, result = recomputing, alternative
+    return _choice(chosen, result, budget, tried)
 
 
 def _largest(ok, low, high):

@@ -56,6 +56,13 @@ def with_plan(flow, plan, cpu_executor=True):
                     by_name[waiting].preds.extend(_names(flow, [first]))
         for name in _names(flow, swapped.wait_for_swap_out):
             by_name[name].preds.append(out.name)
+    nodes = {n.name: n for n in added}
+    for swapped in plan.swapped:
+        for index, swap_in in enumerate(swapped.swap_ins):
+            back = nodes.get(swap_scope(plan.trace, swapped.tensor) + f"swap_in_{index}")
+            outs = [swap_scope(plan.trace, t) + "swap_out" for t in swap_in.after_swap_outs]
+            if back is not None:
+                back.preds.extend(name for name in outs if name in nodes)
     added.extend(_recomputations(flow, plan, swapped_in, by_name))
     for first, then in plan.orderings:
         for waiting in _names(flow, [then]):
