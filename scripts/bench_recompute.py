@@ -6,8 +6,9 @@ measured  configs/demo.yaml's network at one size, batch 1, trained by the trial
           step) with `lms.recompute: none` and `cheap`, alternating, per repeat: bytes copied
           by swap nodes in a step (each swapped tensor's bytes times one swap-out plus its
           swap-ins, from the plan the callback applied), recompute ops live after Grappler,
-          the device-attributed peak (resident + profiled step peak in allocator chunks) and
-          the step time.
+          the device-attributed peak (resident + profiled step peak in allocator chunks), the
+          step's op-output peak (requested bytes of the profiled step's device buffers, no
+          chunk rounding) and the step time.
 counted   FLOPs of the traced and rewritten step, counted op by op by the simulator
           (lmstrain.lms.sim.dataflow.flops: convolutions and matrix products, element-wise
           ops one per element), not measured.
@@ -46,7 +47,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recompute.json"))
     parser.add_argument("--isensee-size", type=int, default=304,
                         help="largest edge for the modelled GPU rows (0: skip them)")
@@ -83,6 +84,7 @@ def main():
             "device_attributed_peak_bytes": [r["measured_peak_bytes"] for r in runs],
             "device_attributed_peak_bytes_median": statistics.median(
                 r["measured_peak_bytes"] for r in runs),
+            "step_op_output_peak_bytes": [r["step_peak_bytes"] for r in runs],
             "step_time_s": [r["step_time_s"] for r in runs],
             "flops_counted": flops,
             "source": runs[0]["source"]})
@@ -124,13 +126,14 @@ def markdown(shape, rows, summary, modelled):
     lines = [f"configs/demo.yaml's network at {'x'.join(map(str, shape))}, batch 1, swapping "
              f"(measured on this CPU, device-attributed peaks; FLOPs counted, not measured):",
              "", "| lms.recompute | bytes copied per step | tensors swapped / recomputed | "
-             "device-attributed peak (median) | step time | FLOPs (counted) |",
-             "|---|---|---|---|---|---|"]
+             "device-attributed peak (median) | step op-output peak | step time | FLOPs (counted) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['recompute']} | {r['copied_bytes'] / MIB:.1f} MiB | {r['swapped_tensors']} / "
             f"{r['recomputed_tensors']} | {r['device_attributed_peak_bytes_median'] / MIB:.1f} "
-            f"MiB | {statistics.median(r['step_time_s']):.2f} s | "
+            f"MiB | {statistics.median(r['step_op_output_peak_bytes']) / MIB:.1f} MiB | "
+            f"{statistics.median(r['step_time_s']):.2f} s | "
             f"{r['flops_counted'] / 1e9:.2f} G |")
     lines += ["", f"Recomputation: {summary['copied_bytes_change']:+.1%} bytes copied, "
                   f"{summary['flops_change']:+.2%} FLOPs counted, "
