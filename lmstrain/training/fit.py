@@ -245,18 +245,27 @@ def _datasets(config, strategy, train_cases, val_cases, steps, epochs_completed)
     local = len(strategy.extended.worker_devices)
 
     def train(context):
-        return make_dataset(train_cases, cache, t.batch_size, training=True, seed=t.seed,
-                            flip=config.data.flip,
-                            pass_length=steps * _global_batch(config, strategy),
-                            first_pass=epochs_completed,
-                            shard=(context.input_pipeline_id, context.num_input_pipelines,
-                                   t.batch_size * local))
+        return worker_training_data(config, train_cases, steps, epochs_completed,
+                                    context.input_pipeline_id, context.num_input_pipelines,
+                                    local)
 
     def validation(_context):
         return make_dataset(val_cases, cache, t.batch_size, training=False)
 
     return (strategy.distribute_datasets_from_function(train),
             strategy.distribute_datasets_from_function(validation))
+
+
+def worker_training_data(config, train_cases, steps: int, epochs_completed: int, worker: int,
+                         workers: int, local_replicas: int):
+    """The training batches (one replica's each) of worker ``worker`` of ``workers``, each with
+    ``local_replicas`` replicas, for epochs of ``steps`` steps, from the pass after
+    ``epochs_completed`` on."""
+    t = config.train
+    block = t.batch_size * local_replicas
+    return make_dataset(train_cases, volume_cache(config), t.batch_size, training=True,
+                        seed=t.seed, flip=config.data.flip, pass_length=steps * block * workers,
+                        first_pass=epochs_completed, shard=(worker, workers, block))
 
 
 @contextmanager
