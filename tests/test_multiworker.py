@@ -198,7 +198,7 @@ def test_a_group_killed_after_epoch_1_resumes_on_both_workers(setup, tmp_path):
     killed, _ = lmstrain("fit", path, "--workers", 2, *common,
                          env={"LMSTRAIN_KILL_AT": "epoch-committed"})
     assert killed.returncode == 137, killed.stdout
-    assert "worker 0 exited with status 137; stopping the other workers" in killed.stderr
+    assert "worker 0 exited with status 137" in killed.stderr
     assert left_behind(tmp_path) == []
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "checkpoints/state.json").read_text())["epoch"] == 1

@@ -13,7 +13,6 @@ collectives of the others, which then raise :class:`RunError` naming the lost wo
 """
 
 import json
-import logging
 import os
 import re
 from contextlib import contextmanager
@@ -22,8 +21,6 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from lmstrain.errors import RunError, UserError
-
-log = logging.getLogger("lmstrain.training.fit")
 
 SLURM_TASKS = "SLURM_STEP_NUM_TASKS"  # set by srun for every task of a job step
 SLURM_PORT_BASE = 8888  # SlurmClusterResolver's: task k of a node listens on 8888 + k

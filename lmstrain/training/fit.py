@@ -39,9 +39,11 @@ def fit(config):
     Under ``train.distribute: multi_worker`` every worker calls this; the chief creates and
     writes the run directory, the others write nothing there (their ``run_dir`` is None).
     """
-    check_output_root(config.output.root)
     prepare_devices(config)
     strategy = distribute.make_strategy(config)
+    chief = _is_chief(strategy)
+    if chief:
+        check_output_root(config.output.root)
     root = require_data_root(config)
     cases = discover_cases(root, config.data.layout)
     if config.data.max_cases:
@@ -49,7 +51,7 @@ def fit(config):
     cases = prepare_cases(cases, volume_cache(config), config.data.on_error)
     train_cases, val_cases = split_cases(cases, config.data.val_fraction, config.train.seed)
     distribute.steps_per_epoch(config, len(train_cases), _global_batch(config, strategy))
-    if not _is_chief(strategy):
+    if not chief:
         return _train(config, strategy, None, train_cases, val_cases, writes=False)
     run_dir = create_run_dir(config.output.root, config.output.name or "run")
     files = RunFiles(run_dir)
@@ -170,21 +172,14 @@ def _train(config, strategy, files, train_cases, val_cases, writes=True):
     train_ds, val_ds = _datasets(config, strategy, train_cases, val_cases, steps,
                                  recorder.epochs_completed)
 
-    with strategy.scope():
-        model = training_model(config, steps_per_epoch=steps)
-    log.info("Model %s: %s parameters, input %s", model.name, f"{model.count_params():,}",
-             "x".join(map(str, config.data.shape)))
-    worker = distribute.worker(strategy)
-    if worker:
-        log.info("Worker %d of %d (%s, cluster from %s)%s: %d replicas in all, batch %d per "
-                 "replica, %d per step, %d steps per epoch", worker.index, worker.workers,
-                 worker.task, worker.source, " the chief" if worker.is_chief else "",
-                 parallel["replicas"], t.batch_size, batch, steps)
-    elif parallel["replicas"] > 1:
-        log.info("%d replicas (%s), batch %d per replica, %d per step", parallel["replicas"],
-                 ", ".join(parallel["devices"]), t.batch_size, batch)
-
     with _collective_errors(config, strategy):
+        with strategy.scope():
+            model = training_model(config, steps_per_epoch=steps)
+        log.info("Model %s: %s parameters, input %s", model.name, f"{model.count_params():,}",
+                 "x".join(map(str, config.data.shape)))
+        worker = distribute.worker(strategy)
+        _log_replicas(parallel, worker, steps)
+
         if recorder.epochs_completed:
             if writes:  # a kill may have come between state.json and last.keras
                 files.publish(recorder.state)
@@ -224,6 +219,18 @@ def _train(config, strategy, files, train_cases, val_cases, writes=True):
     if recorder.nan_epoch is not None:
         raise recorder.nan_error(t.learning_rate, t.mixed_precision)
     return RunResult(files.run_dir if writes else None, recorder.summary, worker)
+
+
+def _log_replicas(parallel, worker, steps):
+    batch, per_replica = parallel["global_batch_size"], parallel["batch_size_per_replica"]
+    if worker:
+        log.info("Worker %d of %d (%s, cluster from %s)%s: %d replicas in all, batch %d per "
+                 "replica, %d per step, %d steps per epoch", worker.index, worker.workers,
+                 worker.task, worker.source, " the chief" if worker.is_chief else "",
+                 parallel["replicas"], per_replica, batch, steps)
+    elif parallel["replicas"] > 1:
+        log.info("%d replicas (%s), batch %d per replica, %d per step", parallel["replicas"],
+                 ", ".join(parallel["devices"]), per_replica, batch)
 
 
 def _datasets(config, strategy, train_cases, val_cases, steps, epochs_completed):
