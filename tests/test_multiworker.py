@@ -9,6 +9,7 @@ that two workers at batch 1 compute what one process with two mirrored replicas 
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -190,6 +191,42 @@ def test_a_lost_worker_stops_the_other_within_the_timeout_naming_it(setup, tmp_p
 
 
 @pytest.mark.slow
+def test_a_frozen_worker_stops_the_other_when_its_heartbeat_is_overdue(setup, tmp_path):
+    # Worker 1 stops dead (SIGSTOP) after its first step: its connections stay open and only
+    # the missing heartbeat tells, as when a machine vanishes from the network.
+    _, path = setup
+    ports = free_ports(2)
+    args = [sys.executable, "-m", "lmstrain.cli", "fit", str(path),
+            "--set", "train.distribute=multi_worker", "--set", f"train.worker_timeout={TIMEOUT}",
+            "--set", f"output.root={tmp_path / 'runs'}", "--set", "lms.enabled=false"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    chief = subprocess.Popen(args, env={**env, "TF_CONFIG": tf_config(ports, 0)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    frozen = subprocess.Popen(args, env={**env, "TF_CONFIG": tf_config(ports, 1),
+                                         "LMSTRAIN_FREEZE_AT": "training-step"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stat = Path(f"/proc/{frozen.pid}/stat")
+        deadline = time.monotonic() + 300
+        while stat.read_text().split(") ")[1][0] != "T" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped = time.monotonic()
+        _, err = chief.communicate(timeout=TIMEOUT + 60)
+        waited = time.monotonic() - stopped
+    finally:
+        frozen.kill()
+        frozen.wait()
+    assert chief.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: lost worker 1 (localhost:{ports[1]}): no heartbeat for "
+                      f"train.worker_timeout = {TIMEOUT} s; worker 0 stopped training. Continue "
+                      "from the last finished epoch with `lmstrain fit CONFIG --resume RUN_DIR` "
+                      "on every worker"]
+    assert waited < TIMEOUT + 5, waited  # the last heartbeat came before the freeze
+    assert left_behind(tmp_path) == []
+
+
+@pytest.mark.slow
 def test_a_group_killed_after_epoch_1_resumes_on_both_workers(setup, tmp_path):
     _, path = setup
     common = ["--set", f"output.root={tmp_path / 'runs'}", "--set", "lms.enabled=false"]
@@ -249,6 +286,35 @@ def test_workers_refuse_to_resume_a_run_not_trained_with_multi_worker(tmp_path, 
                                        str(run_dir)])
     assert result.exit_code == 2, result.output
     assert "was trained with train.distribute: none, not multi_worker" in result.output
+
+
+def port_in_use(port):
+    with socket.socket() as s:
+        return s.connect_ex(("localhost", port)) == 0
+
+
+@pytest.mark.slow
+def test_two_workers_train_with_the_cluster_from_slurms_environment(setup, tmp_path):
+    # Slurm's variables as srun sets them for 2 tasks on one node (set here by the test, not
+    # by a real Slurm; its ports are fixed: 8888 and 8889).
+    if port_in_use(cluster.SLURM_PORT_BASE) or port_in_use(cluster.SLURM_PORT_BASE + 1):
+        pytest.skip("ports 8888/8889 are in use")
+    _, path = setup
+    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", SLURM_STEP_NUM_TASKS="2",
+               SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2")
+    args = [sys.executable, "-m", "lmstrain.cli", "fit", str(path), "--set", "train.epochs=1",
+            "--set", "train.distribute=multi_worker", "--set", "lms.enabled=false",
+            "--set", f"output.root={tmp_path / 'runs'}"]
+    tasks = [subprocess.Popen(args, env={**env, "SLURM_PROCID": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert "Worker 1 of 2 (/job:worker/replica:0/task:1, cluster from Slurm)" in outputs[1][1]
+    assert "Worker 1 of 2: trained in step with the chief" in outputs[1][0]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert [row["epoch"] for row in history(run_dir)] == ["1"]
 
 
 def test_the_cluster_comes_from_slurm_under_srun(monkeypatch):
