@@ -158,7 +158,6 @@ def _train(config, strategy, files, train_cases, val_cases, writes=True):
     of a multi_worker run other than the chief, which trains in step with the others and
     writes nothing to the run directory."""
     started = time.time()
-    writes = writes and files is not None
     memory = memcheck.check(config)
     keras.utils.set_random_seed(config.train.seed)
     t = config.train
