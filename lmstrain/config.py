@@ -110,12 +110,19 @@ class TrainConfig:
                     "cosine or poly (power 0.9) decay over all epochs.")
     mixed_precision: bool = _key(False, "Train in mixed_float16 (GPU); weights stay float32.")
     steps_per_execution: int = _key(1, "Training steps per traced function call (Keras).", min=1)
-    distribute: Literal["none", "mirrored"] = _key(
+    distribute: Literal["none", "mirrored", "multi_worker"] = _key(
         "none", "none: one device; mirrored: data-parallel over train.devices "
-                "(tf.distribute.MirroredStrategy), one replica per device.")
+                "(tf.distribute.MirroredStrategy), one replica per device; multi_worker: "
+                "data-parallel over several processes or machines "
+                "(tf.distribute.MultiWorkerMirroredStrategy; cluster from TF_CONFIG or Slurm, "
+                "or `lmstrain fit --workers N`), every local GPU (without one, /CPU:0) a "
+                "replica.")
     devices: Optional[list[str]] = _key(
         None, "The replicas' devices for mirrored, e.g. [/GPU:0, /GPU:1]; null = every local "
               "GPU, or without a GPU two logical CPUs (for testing; no speed-up).")
+    worker_timeout: int = _key(
+        60, "multi_worker: seconds a worker may go without a heartbeat before the others stop "
+            "with an error naming it (TensorFlow's coordination service).", min=1)
 
 
 def _swap_keys():
@@ -477,6 +484,10 @@ def _check_distribute(config):
             raise ConfigError("train.devices: applies only with train.distribute: mirrored "
                               "(set it, or remove train.devices)")
         return
+    if t.distribute == "multi_worker" and t.devices is not None:
+        raise ConfigError("train.devices: applies only with train.distribute: mirrored; a "
+                          "multi_worker run uses every GPU a worker sees (choose them with "
+                          "CUDA_VISIBLE_DEVICES), remove train.devices")
     if lms.compute_device is not None:
         raise ConfigError(f"lms.compute_device: must be null with train.distribute: "
                           f"{t.distribute}; each replica computes on its own device from "

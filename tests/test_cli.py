@@ -39,7 +39,7 @@ def test_unknown_key_exits_2_with_one_line_and_no_traceback(tmp_path):
                                      "'train.epochs'? valid keys here are epochs, batch_size, "
                                      "steps_per_epoch, seed, optimizer, learning_rate, "
                                      "lr_schedule, mixed_precision, steps_per_execution, "
-                                     "distribute, devices")
+                                     "distribute, devices, worker_timeout")
     assert "Traceback" not in result.output
 
 

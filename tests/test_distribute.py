@@ -72,7 +72,7 @@ def test_two_replicas_train_to_the_losses_of_one_device_with_and_without_swappin
     np.testing.assert_allclose(losses(runs["mirrored_lms"]), one, rtol=1e-5)
     assert losses(runs["mirrored_lms"]) == losses(runs["mirrored"])  # swapping: bit for bit
     parallel = read(runs["mirrored"], "summary.json")["distribute"]
-    assert parallel == {"strategy": "mirrored", "replicas": 2, "devices": REPLICAS,
+    assert parallel == {"strategy": "mirrored", "workers": 1, "replicas": 2, "devices": REPLICAS,
                         "batch_size_per_replica": 1, "global_batch_size": 2}
     assert read(runs["one"], "summary.json")["distribute"]["replicas"] == 1
 

@@ -47,8 +47,11 @@ def config_options(command):
     def wrapper(config_path, overrides, **kwargs):
         from lmstrain.config import load_config
 
-        if "overrides" in inspect.signature(command).parameters:
+        parameters = inspect.signature(command).parameters
+        if "overrides" in parameters:
             kwargs["overrides"] = overrides
+        if "config_path" in parameters:
+            kwargs["config_path"] = config_path
         return command(config=load_config(config_path, overrides), **kwargs)
 
     return wrapper
@@ -188,14 +191,19 @@ def synth(out_dir, cases, shape, seed, naming):
 
 @main.command()
 @config_options
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue this run directory from its last finished epoch, with its own "
                    "config (only --set train.epochs=N may change it). CONFIG is ignored.")
 @click.option("--measure-memory", is_flag=True,
               help="On a CPU, record the allocator's measured peak in summary.json beside the "
                    "predicted one (sets TF_CPU_ALLOCATOR_USE_BFC=true; steps take about 1.7x "
                    "as long). A GPU's peak is always recorded.")
-def fit(config, resume_dir, overrides, measure_memory):
+@click.option("--workers", type=click.IntRange(1), metavar="N",
+              help="Train with train.distribute: multi_worker on N local worker processes "
+                   "(TF_CONFIG on free localhost ports; output prefixed [worker I]); exits "
+                   "with the chief's status and stops the others when one fails.")
+@click.pass_context
+def fit(ctx, config, config_path, resume_dir, overrides, measure_memory, workers):
     """Train the network described by CONFIG.
 
     Creates a new run directory <output.root>/<output.name>-<timestamp>/ with the resolved
@@ -203,12 +211,22 @@ def fit(config, resume_dir, overrides, measure_memory):
     mean dice), history.csv, TensorBoard logs, progress.png and summary.json. A run is never
     overwritten; an interrupted run continues with --resume.
 
+    With train.distribute: multi_worker, run one `lmstrain fit` per worker (TF_CONFIG, or
+    one per task under Slurm's srun), or all on this machine with --workers N; only the
+    chief (worker 0) writes the run directory.
+
     \b
     Examples:
       lmstrain fit configs/demo.yaml
       lmstrain fit configs/brats2021_isensee.yaml --set data.root=/data/BraTS2021
       lmstrain fit configs/demo.yaml --resume runs/demo-20261126-101500 --set train.epochs=40
+      lmstrain fit configs/demo.yaml --workers 2
     """
+    if workers:
+        from lmstrain.training.launcher import launch, worker_args
+
+        ctx.exit(launch(worker_args(ctx.parent.params, config, config_path, overrides,
+                                    resume_dir, measure_memory), workers))
     if measure_memory:  # read when TensorFlow starts, so before it is imported
         os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     from lmstrain.training.fit import fit as fit_run
@@ -220,6 +238,10 @@ def fit(config, resume_dir, overrides, measure_memory):
 
 def _print_result(result):
     summary = result.summary
+    if result.run_dir is None:
+        click.echo(f"Worker {result.worker.index} of {result.worker.workers}: trained in step "
+                   "with the chief (worker 0), which wrote the run directory")
+        return
     click.echo(f"Run directory: {result.run_dir}")
     best = summary.get("best_metrics") or {}
     if best:

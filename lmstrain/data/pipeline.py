@@ -34,11 +34,16 @@ def prepare_cases(cases, cache, on_error="fail"):
     return [case for case in cases if case.case_id not in bad]
 
 
-def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True):
+def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True, pass_length=None,
+                 first_pass=0, shard=None):
     """Batches of ``(image (N,X,Y,Z,4) float32, regions (N,X,Y,Z,3) float32)``.
 
-    Training datasets are shuffled, flipped at random along each axis, and repeat forever;
-    validation datasets pass over the cases once, in order.
+    Training datasets are shuffled (:func:`case_order`: ``pass_length`` cases of each pass,
+    from pass ``first_pass`` on), flipped at random along each axis, and repeat forever;
+    validation datasets pass over the cases once, in order. ``shard=(index, count, block)``:
+    one worker's share of the training stream, every ``count``-th block of ``block`` cases
+    from the ``index``-th on, so that ``count`` workers together read the stream one process
+    would read.
     """
     shape = cache.shape
 
@@ -57,25 +62,40 @@ def make_dataset(cases, cache, batch_size, *, training, seed=0, flip=True):
         image, regions = tf.numpy_function(load, [index], (tf.float32, tf.float32))
         return tf.ensure_shape(image, (*shape, 4)), tf.ensure_shape(regions, (*shape, 3))
 
-    ds = case_order(len(cases), seed) if training else tf.data.Dataset.range(len(cases))
-    ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if training and flip:
+    if not training:
+        ds = tf.data.Dataset.range(len(cases)).map(load_tf, num_parallel_calls=tf.data.AUTOTUNE,
+                                                   deterministic=True)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = case_order(len(cases), seed, pass_length, first_pass)
+    if flip:  # the coins of each position in the stream, whichever worker reads it
         ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed)))
-        ds = ds.map(lambda pair, rnd: random_flip(*pair, rnd), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=training)
+    if shard is not None:
+        index, count, block = shard
+        ds = ds.batch(block, drop_remainder=True).shard(count, index).unbatch()
+    if flip:
+        ds = ds.map(lambda i, rnd: random_flip(*load_tf(i), rnd),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def case_order(n: int, seed: int) -> tf.data.Dataset:
+def case_order(n: int, seed: int, pass_length: int | None = None,
+               first_pass: int = 0) -> tf.data.Dataset:
     """Case indices for training, pass after pass over the ``n`` cases, each pass in the order
     of a permutation drawn from ``(seed, pass)`` alone. A shuffle buffer's order would depend
     on how many iterators are made over the dataset: under ``MirroredStrategy`` Keras's first
-    epoch saw the cases in another order than on one device."""
+    epoch saw the cases in another order than on one device. ``pass_length`` (<= ``n``):
+    each pass takes only that many cases of its permutation (multi-worker epochs of whole
+    global batches: a different remainder is left out each pass); ``first_pass``: the
+    stream starts there (a resumed multi-worker run continues the passes)."""
     n64 = tf.constant(n, tf.int64)
+    length = tf.constant(pass_length or n, tf.int64)
 
     def shuffled(position):
-        key = tf.stack([tf.constant(seed, tf.int64), position // n64])
-        return tf.random.experimental.index_shuffle(position % n64, key, n64 - 1)
+        key = tf.stack([tf.constant(seed, tf.int64), first_pass + position // length])
+        return tf.random.experimental.index_shuffle(position % length, key, n64 - 1)
 
     return tf.data.Dataset.counter().map(shuffled)
 

@@ -23,14 +23,19 @@ class RunRecorder(keras.callbacks.Callback):
 
     Stops training at the first non-finite loss and then saves nothing, so the last checkpoint
     stays the last good one. ``nan_epoch`` tells which epoch it happened in.
+
+    ``writes`` False (a multi_worker worker other than the chief; ``files`` None or the
+    chief's run directory, read only): keeps the same state in memory and writes nothing.
     """
 
-    def __init__(self, files, summary):
+    def __init__(self, files, summary, writes=True):
         super().__init__()
         self.files = files
-        self.state = files.read_state() or {"epoch": 0, "checkpoint": None, "best_epoch": None,
-                                            "best_value": None, "best_checkpoint": None}
-        self.history = files.read_history(self.state["epoch"])
+        self.writes = writes
+        self.state = (files and files.read_state()) or {
+            "epoch": 0, "checkpoint": None, "best_epoch": None, "best_value": None,
+            "best_checkpoint": None}
+        self.history = files.read_history(self.state["epoch"]) if files else []
         self.summary = summary
         self.nan_epoch = None
         self._epoch_started = None
@@ -43,6 +48,7 @@ class RunRecorder(keras.callbacks.Callback):
         self._epoch_started = time.time()
 
     def on_train_batch_end(self, batch, logs=None):
+        fault_point("training-step")
         self._stop_if_not_finite(logs, ("loss",))
 
     def on_epoch_end(self, epoch, logs=None):
@@ -51,7 +57,6 @@ class RunRecorder(keras.callbacks.Callback):
             return
         epoch_number = epoch + 1
         checkpoint = f"epoch-{epoch_number:04d}.keras"
-        self.files.save_model(self.model, checkpoint)
         state = dict(self.state, epoch=epoch_number, checkpoint=checkpoint)
         value = logs.get(MONITOR)
         improved = value is not None and (state["best_value"] is None
@@ -60,6 +65,11 @@ class RunRecorder(keras.callbacks.Callback):
             state.update(best_epoch=epoch_number, best_value=float(value),
                          best_checkpoint=checkpoint)
         self.history.append(_history_row(epoch_number, logs))
+        if not self.writes:
+            self.state = state
+            log.info("epoch %d/%d: %s", epoch_number, self.params["epochs"], _format_logs(logs))
+            return
+        self.files.save_model(self.model, checkpoint)
         self.files.write_history(self.history)
         fault_point("epoch-files-written")
         self.files.commit(state)
@@ -83,9 +93,9 @@ class RunRecorder(keras.callbacks.Callback):
 
     def nan_error(self, learning_rate: float, mixed_precision: bool = False) -> RunError:
         """The error for a run stopped by a non-finite loss: what was kept, and what to do."""
-        last = self.files.checkpoints / "last.keras"
+        last = self.files.checkpoints / "last.keras" if self.files else None
         kept = (f"the last good checkpoint, {last} (epoch {self.state['epoch']}), was kept"
-                if self.state["epoch"] and last.exists()
+                if self.state["epoch"] and last and last.exists()
                 else "no epoch had finished, so no checkpoint was saved")
         advice = f"lmstrain fit CONFIG --set train.learning_rate={learning_rate / 10:g}"
         if mixed_precision:
@@ -97,7 +107,8 @@ class RunRecorder(keras.callbacks.Callback):
     def finish(self, wall_time_s):
         """Add this session's wall time and write the final summary."""
         self.summary["wall_time_s"] = round(self.summary.get("wall_time_s", 0.0) + wall_time_s, 1)
-        self._write_summary()
+        if self.writes:
+            self._write_summary()
 
     def _write_summary(self):
         rows = {int(r["epoch"]): r for r in self.history}

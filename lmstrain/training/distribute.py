@@ -1,5 +1,7 @@
 """Data-parallel training (``train.distribute``): the replicas' devices and the strategy.
 
+``mirrored`` runs the replicas in this process; ``multi_worker`` runs one process per worker
+(:mod:`lmstrain.training.cluster`), each with its local replicas.
 ``train.batch_size`` is the batch of each replica, the number ``plan`` and ``maxres`` report
 per device; a step trains on ``batch_size x replicas`` volumes and Keras averages the replicas'
 gradients, so the learning rate is the one of a single device at the global batch (lmstrain
@@ -7,12 +9,14 @@ does not rescale it).
 """
 
 import logging
+import math
 
 import tensorflow as tf
 
 from lmstrain.config import local_device
 from lmstrain.errors import UserError
 from lmstrain.lms import devices
+from lmstrain.training import cluster
 
 log = logging.getLogger("lmstrain.training.fit")
 
@@ -20,10 +24,11 @@ EMULATED_REPLICAS = 2  # replicas on logical CPUs when a machine without a GPU a
 
 
 def replica_devices(config) -> list[str]:
-    """The replicas' devices (``/GPU:0``, ...); empty for ``train.distribute: none``.
+    """This process's replicas' devices (``/GPU:0``, ...); empty for ``train.distribute: none``.
 
     ``train.devices: null`` means every local GPU, or on a machine without a GPU
-    two logical CPUs (the emulation used for testing).
+    two logical CPUs for mirrored (the emulation used for testing) and /CPU:0 for a worker
+    of a multi_worker run.
     """
     t = config.train
     if t.distribute == "none":
@@ -33,6 +38,8 @@ def replica_devices(config) -> list[str]:
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         return [f"/GPU:{i}" for i in range(len(gpus))]
+    if t.distribute == "multi_worker":
+        return ["/CPU:0"]
     return [f"/CPU:{i}" for i in range(EMULATED_REPLICAS)]
 
 
@@ -51,8 +58,11 @@ def logical_cpus(config, swapping: bool) -> int:
 
 
 def make_strategy(config) -> tf.distribute.Strategy:
-    """TensorFlow's strategy for ``config``: the default (one device) or a MirroredStrategy
-    over the replicas' devices. Raises :class:`UserError` naming a missing device."""
+    """TensorFlow's strategy for ``config``: the default (one device), a MirroredStrategy
+    over the replicas' devices, or the multi-worker strategy over the cluster (before
+    TensorFlow runs any op). Raises :class:`UserError` naming a missing device or cluster."""
+    if config.train.distribute == "multi_worker":
+        return cluster.make_strategy(cluster.cluster_resolver(), config.train.worker_timeout)
     replicas = replica_devices(config)
     if not replicas:
         return tf.distribute.get_strategy()
@@ -68,10 +78,39 @@ def make_strategy(config) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy(replicas)
 
 
+def worker(strategy: tf.distribute.Strategy) -> cluster.Worker | None:
+    """This process's place in a multi-worker cluster; None for one process."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    return cluster.this_worker(strategy.cluster_resolver)
+
+
 def describe(config, strategy: tf.distribute.Strategy) -> dict:
-    """The ``summary.json`` entry: strategy, devices, per-replica and global batch."""
+    """The ``summary.json`` entry: strategy, workers, devices (each worker's, for
+    multi_worker), per-replica and global batch."""
     replicas = strategy.num_replicas_in_sync
-    return {"strategy": config.train.distribute, "replicas": replicas,
-            "devices": replica_devices(config) or None,
+    found = worker(strategy)
+    return {"strategy": config.train.distribute, "workers": found.workers if found else 1,
+            "replicas": replicas, "devices": replica_devices(config) or None,
             "batch_size_per_replica": config.train.batch_size,
             "global_batch_size": config.train.batch_size * replicas}
+
+
+def steps_per_epoch(config, train_cases: int, global_batch: int) -> int:
+    """Training steps per epoch. One process: ``train.steps_per_epoch``, else enough steps
+    to see every training case once (the case stream runs on across epochs). multi_worker:
+    the full global batches of one pass, at most ``train.steps_per_epoch``; the remainder
+    (``train_cases`` mod ``global_batch``) is dropped, a different one each epoch (see
+    :func:`lmstrain.data.pipeline.case_order`), so that no case is seen twice in an epoch
+    and every worker runs the same steps. Raises :class:`UserError` with fewer cases than
+    one global batch."""
+    t = config.train
+    if t.distribute != "multi_worker":
+        return t.steps_per_epoch or max(1, math.ceil(train_cases / global_batch))
+    full = train_cases // global_batch
+    if not full:
+        raise UserError(f"{train_cases} training cases are fewer than one global batch of "
+                        f"{global_batch} (train.batch_size {t.batch_size} x "
+                        f"{global_batch // t.batch_size} replicas); use more cases or a "
+                        "smaller train.batch_size")
+    return min(full, t.steps_per_epoch or full)
