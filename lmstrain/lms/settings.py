@@ -48,8 +48,8 @@ class SwapSettings:
         "none", "cheap: instead of swapping the output of cheap element-wise ops (normalisation "
                 "arithmetic, activations, adds, reshapes), recompute it in the backward pass "
                 "from a tensor that is swapped in anyway; none: swap it; auto: auto-tune "
-                "simulates its plan both ways and recomputes when that still fits with a "
-                "predicted peak no higher (needs autotune).")
+                "searches both ways, holding recomputing plans to a margin under the budget, "
+                "and keeps the one that copies fewer bytes (needs autotune).")
 
     def __post_init__(self) -> None:
         for f in fields(self):
