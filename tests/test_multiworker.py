@@ -162,18 +162,25 @@ def test_each_worker_reads_its_own_whole_batches_of_each_pass(brats2021_root, tm
     assert [ids[image.tobytes()] for image in images.numpy()] == seen[0][1]
 
 
-def test_a_lost_worker_stops_the_other_within_the_timeout_naming_it(setup, tmp_path):
-    _, path = setup
-    ports = free_ports(2)
+def two_workers(path, tmp_path, ports):
+    """Start worker 0 of a two-worker cluster on ``ports`` (output piped, no swapping,
+    ``train.worker_timeout`` = TIMEOUT); return it, the command line and worker 1's
+    environment, for the caller to start worker 1 with its own fault point."""
     args = [sys.executable, "-m", "lmstrain.cli", "fit", str(path),
             "--set", "train.distribute=multi_worker", "--set", f"train.worker_timeout={TIMEOUT}",
             "--set", f"output.root={tmp_path / 'runs'}", "--set", "lms.enabled=false"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     chief = subprocess.Popen(args, env={**env, "TF_CONFIG": tf_config(ports, 0)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return chief, args, {**env, "TF_CONFIG": tf_config(ports, 1)}
+
+
+def test_a_lost_worker_stops_the_other_within_the_timeout_naming_it(setup, tmp_path):
+    _, path = setup
+    ports = free_ports(2)
+    chief, args, env_1 = two_workers(path, tmp_path, ports)
     # Worker 1 dies after its first training step (of 3 in epoch 1), as after kill -9.
-    other = subprocess.run(args, env={**env, "TF_CONFIG": tf_config(ports, 1),
-                                      "LMSTRAIN_KILL_AT": "training-step"},
+    other = subprocess.run(args, env=env_1 | {"LMSTRAIN_KILL_AT": "training-step"},
                            capture_output=True, text=True, timeout=300)
     died = time.monotonic()
     assert other.returncode == 137, other.stderr
@@ -196,14 +203,8 @@ def test_a_frozen_worker_stops_the_other_when_its_heartbeat_is_overdue(setup, tm
     # the missing heartbeat tells, as when a machine vanishes from the network.
     _, path = setup
     ports = free_ports(2)
-    args = [sys.executable, "-m", "lmstrain.cli", "fit", str(path),
-            "--set", "train.distribute=multi_worker", "--set", f"train.worker_timeout={TIMEOUT}",
-            "--set", f"output.root={tmp_path / 'runs'}", "--set", "lms.enabled=false"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    chief = subprocess.Popen(args, env={**env, "TF_CONFIG": tf_config(ports, 0)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    frozen = subprocess.Popen(args, env={**env, "TF_CONFIG": tf_config(ports, 1),
-                                         "LMSTRAIN_FREEZE_AT": "training-step"},
+    chief, args, env_1 = two_workers(path, tmp_path, ports)
+    frozen = subprocess.Popen(args, env=env_1 | {"LMSTRAIN_FREEZE_AT": "training-step"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         stat = Path(f"/proc/{frozen.pid}/stat")

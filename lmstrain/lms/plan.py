@@ -351,10 +351,10 @@ def _after_trigger_swap_outs(step, plan):
     """A swap-in serving a recomputation waits for the swap-outs of what its triggers make (a
     concatenation gradient's slice for the skip connection): with the slice still on the
     device, the source and the recomputed tensor would be held beside it."""
-    swapped = {s.tensor for s in plan.swapped}
+    swapped = {s.tensor: s for s in plan.swapped}
     for r in plan.recomputed:
         for source, index in r.sources:
-            swap_in = next(s for s in plan.swapped if s.tensor == source).swap_ins[index]
+            swap_in = swapped[source].swap_ins[index]
             made = [t.name for name in swap_in.trigger
                     for t in step.graph.get_operation_by_name(name).outputs]
             swap_in.after_swap_outs = list(dict.fromkeys(

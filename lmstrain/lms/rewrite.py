@@ -7,9 +7,9 @@ trigger ops and the swap-outs it is ``after_swap_outs``; in ``swapout`` sync mod
 forward consumers wait for the swap-out so the original can be freed as soon as the forward pass
 is done with it; the ops a swap-in ``frees_before`` wait for its consumers, so the copy is freed
 before they allocate; the second op of each of the plan's ``orderings`` waits for the first.
-Each recomputation repeats its ops
-on the compute device under ``<producer>/lms/t<trace>_<i>/recompute/``, reading the sources'
-swap-ins, and its consumers read the repeated tensor.
+Each recomputation repeats its ops on the compute device under
+``<producer>/lms/t<trace>_<i>/recompute/``, reading the sources' swap-ins, and its consumers
+read the repeated tensor.
 """
 
 import tensorflow as tf

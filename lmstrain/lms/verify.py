@@ -39,7 +39,8 @@ class SwapCheck:
     def ok(self):
         return (self.found and self.live_swap_nodes == self.swap_nodes
                 and self.intact_trigger_edges + len(self.forwarded_trigger_edges)
-                + len(self.implied_trigger_edges) == self.trigger_edges and self.live_recompute_ops == self.recompute_ops)
+                + len(self.implied_trigger_edges) == self.trigger_edges
+                and self.live_recompute_ops == self.recompute_ops)
 
     def summary(self, plan):
         """E.g. ``LMS: 37 tensors swapped, 412.0 MiB/step, 81/81 swap nodes live after Grappler,

@@ -5,8 +5,8 @@ largest ``swapout_threshold`` (fewest tensors swapped) whose predicted peak fits
 largest ``swapin_ahead`` that still fits (the earliest safe prefetch); then the largest
 ``swapin_groupby`` (fewest swap-ins). With ``recompute: auto`` the search runs again with cheap
 tensors recomputed, against a smaller limit (``RECOMPUTE_MARGIN``: the simulator under-predicts
-recomputing plans), and the plan that copies fewer bytes is chosen. Each candidate is planned by the same
-:func:`~lmstrain.lms.plan.make_plan` the callback uses and simulated on the traced step
+recomputing plans), and the plan that copies fewer bytes is chosen. Each candidate is planned
+by the same :func:`~lmstrain.lms.plan.make_plan` the callback uses and simulated on the traced step
 (:func:`~lmstrain.lms.sim.simrewrite.with_plan`). When the step fits without swapping, nothing is
 swapped. When even the physical bound (weights, optimizer state, gradients and the largest
 single op) does not fit, no plan can help: :class:`~lmstrain.lms.settings.LMSParameterError`
