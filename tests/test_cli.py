@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 
+import nibabel as nib
 import pytest
 from click.testing import CliRunner
 
 from lmstrain.cli import main
+from lmstrain.data.synth import write_dataset
 
 COMMANDS = [["synth"], ["fit"], ["config"], ["config", "show"]]
 
@@ -82,6 +84,15 @@ def test_synth_writes_cases(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Wrote 2 brats2023 cases of 24x24x24" in result.output
     assert len(list((tmp_path / "d").glob("BraTS-GLI-*/*-seg.nii.gz"))) == 2
+
+
+def test_synth_detail_fine_writes_the_fine_tumour(tmp_path):
+    assert run("synth", tmp_path / "cli", "--cases", 1, "--shape", 24, 24, 24,
+               "--detail", "fine").exit_code == 0
+    write_dataset(tmp_path / "api", 1, (24, 24, 24), detail="fine")
+    name = "BraTS2021_00000/BraTS2021_00000_seg.nii.gz"
+    segs = [nib.load(tmp_path / d / name).get_fdata() for d in ("cli", "api")]
+    assert (segs[0] == segs[1]).all()
 
 
 def test_bad_flag_exits_2():

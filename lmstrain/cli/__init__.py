@@ -168,7 +168,12 @@ class _Formatter(logging.Formatter):
 @click.option("--naming", default="brats2021", show_default=True,
               type=click.Choice(["brats2021", "brats2023"]),
               help="File naming and label values of this BraTS release.")
-def synth(out_dir, cases, shape, seed, naming):
+@click.option("--detail", default="standard", show_default=True,
+              type=click.Choice(["standard", "fine"]),
+              help="Tumour detail. fine: thin enhancing rim, small necrotic core and satellite "
+                   "nodules, sizes in mm independent of --shape: structure a network at a "
+                   "coarse resolution cannot resolve, for `lmstrain study`.")
+def synth(out_dir, cases, shape, seed, naming, detail):
     """Write synthetic BraTS-format cases to OUT_DIR.
 
     Each case has four MR contrasts (t1, t1ce, t2, flair; 2023: t1n, t1c, t2w, t2f) and a
@@ -177,15 +182,17 @@ def synth(out_dir, cases, shape, seed, naming):
     oedema), with noise and a bias field. Use it to try lmstrain without BraTS.
 
     \b
-    Example:
+    Examples:
       lmstrain synth demo_data --cases 24 --shape 64 64 64 --seed 0
+      lmstrain synth study_data --cases 40 --shape 128 128 128 --detail fine
     """
     from tqdm import tqdm
 
     from lmstrain.data.synth import write_dataset
 
     with tqdm(total=cases, desc="Writing cases", unit="case", disable=None) as bar:
-        write_dataset(out_dir, cases, shape, seed=seed, naming=naming, progress=bar.update)
+        write_dataset(out_dir, cases, shape, seed=seed, naming=naming, progress=bar.update,
+                      detail=detail)
     click.echo(f"Wrote {cases} {naming} cases of {shape[0]}x{shape[1]}x{shape[2]} to {out_dir}")
 
 
