@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim bench-maxres \
-        bench-overhead bench-distribute bench-recompute bench-peers bench-report bench-all
+        bench-overhead bench-distribute bench-recompute bench-peers bench-study bench-report bench-all
 
 install: $(STAMP)
 
@@ -63,11 +63,21 @@ bench-recompute: install
 bench-peers: install
 	$(BIN)/python scripts/bench_peers.py --out bench/results/peers
 
+bench/data/study-fine/.complete: | install
+	$(BIN)/lmstrain synth bench/data/study-fine --cases 40 --shape 128 128 128 --seed 1 \
+		--detail fine
+	touch $@
+
+# Resumes: delete bench/results/study to train again from scratch.
+bench-study: install bench/data/study-fine/.complete
+	$(BIN)/lmstrain study configs/study.yaml --sizes 32,48,64 --device-memory 256MiB \
+		--out bench/results/study --resume
+
 bench-report: install
 	$(BIN)/python scripts/bench_report.py
 
 bench-all: bench-pipeline bench-lms bench-sim bench-maxres bench-overhead bench-distribute \
-           bench-recompute bench-peers
+           bench-recompute bench-peers bench-study
 	$(MAKE) bench-report
 
 clean-demo:

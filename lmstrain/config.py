@@ -48,8 +48,11 @@ class DataConfig:
         "auto", "Dataset layout; `auto` detects it from the file names.")
     shape: list[int] = _key([128, 128, 128], "Network input size (x, y, z) after preprocessing.",
                             length=3, min=1)
-    val_fraction: float = _key(0.2, "Share of cases held out for validation (split by train.seed).",
-                               gt=0.0, max=0.9)
+    val_fraction: float = _key(0.2, "Share of cases held out for validation (split by "
+                                    "data.split_seed).", gt=0.0, max=0.9)
+    split_seed: Optional[int] = _key(
+        None, "Seed of the train/validation split; null = train.seed. Set it to train with "
+              "other train.seed values on the same split.", min=0)
     max_cases: Optional[int] = _key(None, "Use only the first N cases (sorted by id); null = all.", min=2)
     resize: Literal["resample", "crop_pad"] = _key(
         "resample", "Bring the brain box to data.shape by resampling (SimpleITK), or by centred "
@@ -102,7 +105,8 @@ class TrainConfig:
                               "global batch is this times the number of replicas.", min=1)
     steps_per_epoch: Optional[int] = _key(
         None, "Cap on training steps per epoch; null = one pass over the training cases.", min=1)
-    seed: int = _key(0, "Seed for the train/validation split, weights and augmentation.", min=0)
+    seed: int = _key(0, "Seed for the weights and augmentation, and for the train/validation "
+                        "split unless data.split_seed is set.", min=0)
     optimizer: Literal["adam", "adamw", "sgd"] = _key("adam", "Optimizer.")
     learning_rate: float = _key(5e-4, "Initial learning rate.", gt=0.0)
     lr_schedule: Literal["constant", "plateau", "cosine", "poly"] = _key(
@@ -273,6 +277,11 @@ def swap_settings(config: "Config") -> SwapSettings:
         return SwapSettings.from_mapping(vars(config.lms))
     except LMSParameterError as error:
         raise ConfigError(f"lms.{error.key}: {error}") from None
+
+
+def split_seed(config: "Config") -> int:
+    """The seed of the train/validation split: ``data.split_seed``, else ``train.seed``."""
+    return config.train.seed if config.data.split_seed is None else config.data.split_seed
 
 
 def save_config(config, path):

@@ -1,4 +1,4 @@
-"""Plots and tables for runs and sweeps (matplotlib, headless)."""
+"""Plots for runs, sweeps and studies (matplotlib, headless)."""
 
 import math
 
@@ -89,6 +89,49 @@ def plot_step_times(trials, path):
                     label=f"{'with' if swap else 'without'} swapping, batch {batch}")
     ax.set(xlabel="largest edge (voxels)", ylabel="step time (s)", title="Step time")
     if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_study_dice(sizes, path):
+    """Dice per region against voxel count: each validation case a grey line across the
+    sizes (its mean over seeds), the mean over cases in colour."""
+    fig, axes = plt.subplots(1, len(REGIONS), figsize=(12, 4), sharey=True)
+    x = [s["voxels"] for s in sizes]
+    for ax, region, color in zip(axes, REGIONS, ("tab:green", "tab:orange", "tab:red")):
+        key = f"dice_{region}"
+        for case_id in sizes[0]["cases"]:
+            ax.plot(x, [s["cases"].get(case_id, {}).get(key, math.nan) for s in sizes], "-",
+                    color="0.6", alpha=0.5, lw=0.8)
+        ax.plot(x, [s["summary"][key]["mean"] for s in sizes], "o-", color=color, lw=2,
+                label="mean over cases")
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{s['size']}\n{s['voxels']:,}" for s in sizes], fontsize=8)
+        ax.minorticks_off()
+        ax.set(xlabel="largest edge / voxels", title=region.upper(), ylim=(0, 1.02))
+    axes[0].set_ylabel("Dice on the original grid")
+    axes[0].legend(loc="lower right", fontsize=8)
+    n = len(sizes[0]["cases"])
+    fig.suptitle(f"Dice against training resolution ({n} validation cases; grey: each case)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_study_time(sizes, path):
+    """Median epoch time against voxel count; filled markers where the size swapped."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = [s for s in sizes if s.get("epoch_time_s") is not None]
+    ax.plot([s["voxels"] for s in points], [s["epoch_time_s"] for s in points], "-",
+            color="tab:blue")
+    for swap, marker, label in ((False, "o", "without swapping"), (True, "s", "with swapping")):
+        chosen = [s for s in points if bool((s["decision"] or {}).get("swapping")) == swap]
+        if chosen:
+            ax.plot([s["voxels"] for s in chosen], [s["epoch_time_s"] for s in chosen], marker,
+                    color="tab:blue", mfc="tab:blue" if swap else "white", label=label)
+    ax.set(xlabel="voxels per volume", ylabel="epoch time (s, median)",
+           title="Epoch time (training and validation)")
+    if points:
         ax.legend()
     fig.tight_layout()
     save_figure(fig, path)

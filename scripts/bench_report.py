@@ -65,6 +65,51 @@ def _seconds(value):
     return f"{value:.2f} s" if value else "-"
 
 
+def study_section():
+    """The resolution study (`make bench-study`): Dice per region per size with its spread
+    over the validation cases, the paired tests, epoch time and swapping."""
+    study = load("study/study.json")
+    if not study:
+        return []
+    sizes = [s for s in study["sizes"] if s.get("cases")]
+    n = len(sizes[0]["cases"]) if sizes else 0
+    lines = ["## Does a higher resolution pay off? (`make bench-study`)", "",
+             f"`lmstrain study configs/study.yaml --sizes 32,48,64 --device-memory 256MiB`: "
+             f"the demo's network on 40 synthetic 128^3 cases with fine structure (`lmstrain "
+             f"synth --detail fine`), {study['config']['train']['epochs']} epochs, "
+             f"{study['options']['repeats']} seed(s) per size, scored on the original 128^3 "
+             f"grid over {n} validation cases. Dice: mean, median [interquartile range] over "
+             "the cases.", "",
+             "| size | voxels | swapping | predicted peak | epoch time | WT Dice | TC Dice | "
+             "ET Dice |", "|---|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        cells = []
+        for region in ("wt", "tc", "et"):
+            values = sorted(c[f"dice_{region}"] for c in size["cases"].values())
+            q1, q3 = (values[int(round(q * (len(values) - 1)))] for q in (0.25, 0.75))
+            d = size["summary"][f"dice_{region}"]
+            cells.append(f"{d['mean']:.3f}, {d['median']:.3f} [{q1:.3f}-{q3:.3f}]")
+        decision = size["decision"]
+        lines.append(f"| {'x'.join(map(str, size['shape']))} | {size['voxels']:,} | "
+                     f"{'on' if decision['swapping'] else 'off'} | "
+                     f"{_bytes(decision['predicted_peak_bytes'])} | "
+                     f"{_seconds(size['epoch_time_s'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired comparison of Dice per case (Wilcoxon signed-rank, scipy):", "",
+              "| sizes | region | mean difference | p | verdict |", "|---|---|---|---|---|"]
+    for c in study["comparisons"]:
+        p = f"{c['p_value']:.3g}" if c["p_value"] is not None else "-"
+        lines.append(f"| {c['larger']} vs {c['smaller']} | {c['region'].upper()} | "
+                     f"{c['mean_difference']:+.3f} | {p} | {c['verdict']} |")
+    why = "; ".join(f"{s['size']}: {s['decision']['why']}" for s in sizes)
+    lines += ["", "Measured on this 2-core CPU: Dice and HD95 from `lmstrain evaluate` on each "
+              "run's validation cases, epoch time the median over epochs after the first "
+              "(training and validation, wall clock, from `history.csv`). Predicted peaks "
+              "are the simulator's (not measured; on a CPU the budget is not enforced during "
+              f"`fit`). Swap decisions: {why}. `dice.png` and `epoch_time.png` in "
+              "`results/study/`.", ""]
+    return lines
+
+
 def measured_section(name, title):
     """The section of a result file that carries its own ``markdown`` table and ``measure``
     text; no lines when the file is missing."""
@@ -144,6 +189,7 @@ def main():
                   "op order varies): see the RematScope modes' trials beside the table's."]
         lines += [f"- `{source}`: {how}" for source, how in sorted(peers["measure"].items())]
         lines += [""]
+    lines += study_section()
     lines += measured_section("distribute.json",
                               "Several replicas on logical CPUs (`make bench-distribute`)")
     accuracy = load("simulator_accuracy.json")

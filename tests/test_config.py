@@ -1,6 +1,6 @@
 import pytest
 
-from lmstrain.config import load_config, schema_keys
+from lmstrain.config import load_config, schema_keys, split_seed
 from lmstrain.errors import ConfigError
 
 
@@ -73,6 +73,14 @@ def test_set_overrides_parse_yaml_values(tmp_path):
     assert config.lms.device_memory == 16 * 2**30
     assert config.lms.enabled == "auto"
     assert config.model.name == "unet"
+
+
+def test_the_split_seed_defaults_to_the_training_seed(tmp_path):
+    path = write(tmp_path, "data: {root: x}\ntrain: {seed: 7}\n")
+    assert split_seed(load_config(path)) == 7  # runs made before data.split_seed keep their split
+    assert split_seed(load_config(path, ["data.split_seed=2"])) == 2
+    with pytest.raises(ConfigError, match="data.split_seed"):
+        load_config(path, ["data.split_seed=-1"])
 
 
 def test_yaml_paths_are_relative_to_the_file_and_set_paths_to_the_cwd(tmp_path, monkeypatch):

@@ -156,8 +156,8 @@ def test_a_child_that_dies_is_a_crash_and_a_slow_one_a_timeout(tiny, tmp_path):
 def test_simulate_mode_finds_both_limits_without_training_and_resumes(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: {base_filters: 4, depth: 3}\ndata: {shape: [16, 16, 16]}\n")
-    args = ["maxres", str(config), "--mode", "simulate", "--device-memory", "48MiB",
-            "--sizes", "16:128:8", "--batch-sizes", "1", "--out", str(tmp_path / "o"),
+    args = ["maxres", str(config), "--mode", "simulate", "--device-memory", "16MiB",
+            "--sizes", "16:96:8", "--batch-sizes", "1", "--out", str(tmp_path / "o"),
             "--executor", "cpu", "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -170,7 +170,7 @@ def test_simulate_mode_finds_both_limits_without_training_and_resumes(tmp_path):
         assert [t["status"] for t in above] == ["oom"] and row["limited_by"]
         trials = [t for t in results["trials"] if t["lms"] == row["lms"]]
         assert all(t["source"].startswith("simulated") for t in trials)
-        assert all(t["predicted_peak_bytes"] <= 48 * 2**20 for t in trials if t["status"] == "ok")
+        assert all(t["predicted_peak_bytes"] <= 16 * 2**20 for t in trials if t["status"] == "ok")
     assert [link["link"] for link in on["transfer_model"]["links"]][0] == "PCIe 3.0 x16"
     assert on["transfer_model"]["swapped_bytes_per_step"] > 0
     assert len(list((tmp_path / "o" / "trials").glob("*.json"))) == len(results["trials"])

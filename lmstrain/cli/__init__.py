@@ -266,7 +266,10 @@ def _print_result(result):
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, exists=True),
               help="Score every case in this folder instead of the run's validation cases.")
-def evaluate(run_dir, data_dir):
+@click.option("--save-predictions", is_flag=True,
+              help="Also write each scored segmentation to predictions/<case_id>.nii.gz in the "
+                   "results folder (the case's shape, affine and label values).")
+def evaluate(run_dir, data_dir, save_predictions):
     """Score a trained run: Dice, HD95 (mm) and sensitivity per region and case.
 
     By default the run's validation cases (split.json) are predicted with
@@ -281,7 +284,7 @@ def evaluate(run_dir, data_dir):
     """
     from lmstrain.evaluation.scoring import evaluate_run, format_summary
 
-    _rows, summary, out_dir = evaluate_run(run_dir, data_dir)
+    _rows, summary, out_dir = evaluate_run(run_dir, data_dir, save_predictions)
     click.echo(format_summary(summary))
     click.echo(f"Results: {out_dir}")
 
@@ -445,6 +448,73 @@ def plan(config, size, batch, device_memory, host_memory, executor, as_json):
     name = click.get_current_context().params.get("config_path", "")
     for line in plan_lines(report, name):
         click.echo(line)
+
+
+@main.command()
+@config_options
+@click.option("--sizes", type=POSITIVE_INTS, required=True, metavar="S1,S2,...",
+              help="Largest edges to train at, as in `plan --size` (the configured shape "
+                   "scaled to each, every axis rounded down to the network's divisor).")
+@click.option("--device-memory", type=ByteSize(), metavar="SIZE",
+              help="Device memory budget that decides per size whether to swap, e.g. 16GiB "
+                   "(default: lms.device_memory, else the GPU's; on a CPU without one, no "
+                   "swapping).")
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(1),
+              help="Runs per size, with train.seed, train.seed+1, ... on the same split "
+                   "(data.split_seed).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Study folder (default: <output.root>/study-<name>-<timestamp>).")
+@click.option("--resume", is_flag=True,
+              help="Continue the study in --out: finished runs are skipped, unfinished ones "
+                   "continue from their last finished epoch, failed ones are tried again.")
+@click.option("--measure-memory", is_flag=True,
+              help="Pass --measure-memory to each fit: the allocator's measured peak on a CPU "
+                   "(slower steps; a GPU's peak is always recorded).")
+def study(config, sizes, device_memory, repeats, out_dir, resume, measure_memory):
+    """Train CONFIG at several resolutions and compare their Dice on the original grid.
+
+    For each size, trains the configured model with data.resize: resample on the same cases,
+    split, epochs and optimiser (only the shape changes), each run a normal run directory
+    trained by `lmstrain fit` in its own process. The memory simulator's prediction decides
+    per size whether swapping is needed to fit the budget (recorded with the reason). Every
+    run is then scored by `lmstrain evaluate --save-predictions` on its validation cases.
+    Writes study.json, study.csv, cases.csv, dice.png and epoch_time.png to the study folder
+    and prints a table; a Wilcoxon signed-rank test over the validation cases says whether
+    the Dice of neighbouring sizes differ beyond noise ("too few cases" below 10). A run that
+    fails is recorded and the study goes on (exit status 1 at the end).
+
+    \b
+    Examples:
+      lmstrain study configs/demo.yaml --sizes 32,48,64 --device-memory 256MiB
+      lmstrain study configs/brats2021_isensee.yaml --sizes 96,128,160 --repeats 3 \\
+          --out studies/isensee
+      lmstrain study configs/demo.yaml --sizes 32,48,64 --out studies/demo --resume
+    """
+    from tqdm import tqdm
+
+    from lmstrain.cli.tables import study_table
+    from lmstrain.study.runner import Study, StudyOptions, default_out_dir
+
+    if resume and not out_dir:
+        raise click.UsageError("--resume needs --out DIR: the study folder to continue")
+    options = StudyOptions(sizes=sizes, device_memory=device_memory, repeats=repeats,
+                           measure_memory=measure_memory)
+    runner = Study(config, options, out_dir or default_out_dir(config), resume)
+    with tqdm(total=len(runner.specs), desc="Runs", unit="run", disable=None) as bar:
+
+        def on_run(spec, record):
+            bar.set_postfix_str(f"{spec.name}: {record['status'] if record else 'running'}")
+            if record:
+                bar.update()
+
+        record = runner.run(on_run)
+    click.echo(study_table(record))
+    click.echo(f"Results: {runner.out_dir}")
+    if not record["complete"]:
+        failed = [r["name"] for s in record["sizes"] for r in s["runs"] if r["status"] != "finished"]
+        click.echo(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their logs in "
+                   f"{runner.out_dir / 'logs'}, then continue with --resume", err=True)
+        raise SystemExit(1)
 
 
 @main.group("data")

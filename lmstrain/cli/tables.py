@@ -1,6 +1,7 @@
-"""Text tables of the ``plan`` and ``maxres`` results, rendered at the edge from the library's
-JSON-ready dicts."""
+"""Text tables of the ``plan``, ``maxres`` and ``study`` results, rendered at the edge from the
+library's JSON-ready dicts."""
 
+from lmstrain.data.brats import REGIONS
 from lmstrain.planning.sweep import swap_gain
 from lmstrain.units import format_bytes
 
@@ -84,4 +85,38 @@ def maxres_table(summary: list[dict]) -> str:
                      f"{row['limited_by'] or ''}")
     lines.append("Sizes, batches and budgets are per device: under train.distribute: mirrored "
                  "each GPU holds one replica at this batch.")
+    return "\n".join(lines)
+
+
+def study_table(record: dict) -> str:
+    """Per size: swapping, peaks, epoch time and Dice per region (mean / median over the
+    validation cases); then the paired comparisons."""
+    header = (f"{'size':>4} {'shape':>12} {'voxels':>11} {'swap':>4} {'pred. peak':>10} "
+              f"{'meas. peak':>10} {'epoch (s)':>9}"
+              + "".join(f" {r.upper() + ' dice mean/med':>18}" for r in REGIONS))
+    lines = [header, "-" * len(header)]
+    for size in record["sizes"]:
+        decision = size["decision"] or {}
+        swap = {True: "on", False: "off"}.get(decision.get("swapping"), "-")
+        time = f"{size['epoch_time_s']:.1f}" if size.get("epoch_time_s") is not None else "-"
+        cells = ""
+        if size.get("summary"):
+            for region in REGIONS:
+                d = size["summary"][f"dice_{region}"]
+                cells += f" {d['mean']:>11.3f}/{d['median']:<6.3f}"
+        else:
+            failed = [r for r in size["runs"] if r["status"] == "failed"]
+            cells = f"  failed: {failed[0]['error']}" if failed else "  not run"
+        lines.append(f"{size['size']:>4} {'x'.join(map(str, size['shape'])):>12} "
+                     f"{size['voxels']:>11,} {swap:>4} "
+                     f"{_b(decision.get('predicted_peak_bytes')):>10} "
+                     f"{_b(size.get('measured_peak_bytes')):>10} {time:>9}{cells}")
+    if record["comparisons"]:
+        n = record["comparisons"][0]["n_cases"]
+        lines += ["", f"Paired comparison of Dice (Wilcoxon signed-rank over {n} validation "
+                      "cases; mean difference, p):"]
+        for c in record["comparisons"]:
+            p = f"p={c['p_value']:.3g}" if c["p_value"] is not None else "no p"
+            lines.append(f"  {c['larger']:>4} vs {c['smaller']:<4} {c['region'].upper():<3} "
+                         f"{c['mean_difference']:+.3f}  {p:<10} {c['verdict']}")
     return "\n".join(lines)

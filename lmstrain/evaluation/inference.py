@@ -52,12 +52,22 @@ class Predictor:
 
     def predict_case(self, case):
         """Return ``(regions, loaded)``: boolean ``(X, Y, Z, 3)`` WT/TC/ET masks on the case's
-        own grid, and the loaded case (affine, spacing, segmentation if present)."""
+        own grid (:func:`nested`, as the written label map has them), and the loaded case
+        (affine, spacing, segmentation if present)."""
         probabilities, loaded = segment(case, self.settings, self._predict, self.overlap)
-        return probabilities >= 0.5, loaded
+        return nested(probabilities >= 0.5), loaded
 
     def _predict(self, batch):
         return np.asarray(self.model.predict_on_batch(batch.astype(np.float32)))
+
+
+def nested(regions):
+    """Thresholded WT/TC/ET masks made to nest (ET within TC within WT), as in a label map:
+    exactly the regions of ``from_regions(regions)``, so what is scored is what is written."""
+    regions = regions.copy()
+    regions[..., 1] |= regions[..., 2]
+    regions[..., 0] |= regions[..., 1]
+    return regions
 
 
 def segment(case, settings, predict, overlap=0.5):

@@ -1,7 +1,8 @@
 """Score a trained run: predict its validation cases (or a given folder) and compare.
 
 Writes ``metrics.csv`` (one row per case: Dice, HD95 in mm and sensitivity per region),
-``summary.json`` (mean and median per metric) and ``boxplot.png`` into an evaluation folder.
+``summary.json`` (mean and median per metric) and ``boxplot.png`` into an evaluation folder,
+and on request the scored segmentations (``predictions/<case_id>.nii.gz``).
 """
 
 import csv
@@ -16,19 +17,20 @@ from lmstrain.atomic import atomic_path, write_text
 from lmstrain.config import require_data_root
 from lmstrain.data.brats import REGIONS, discover_cases
 from lmstrain.data.split import load_split
-from lmstrain.errors import DataError
+from lmstrain.errors import DataError, RunError
 from lmstrain.evaluation.metrics import METRICS, score_regions
-from lmstrain.evaluation.inference import Predictor
+from lmstrain.evaluation.inference import Predictor, require_writable, write_segmentation
 from lmstrain.report import plot_scores
 
 COLUMNS = ("case_id", *(f"{m}_{r}" for m in METRICS for r in REGIONS))
 
 
-def evaluate_run(run_dir, data_dir=None):
+def evaluate_run(run_dir, data_dir=None, save_predictions: bool = False):
     """Score ``run_dir`` on its validation cases, or on every case in ``data_dir``.
 
     Returns ``(rows, summary, out_dir)``; results go to ``RUN_DIR/evaluation`` (or
-    ``RUN_DIR/evaluation-<folder name>`` for ``data_dir``).
+    ``RUN_DIR/evaluation-<folder name>`` for ``data_dir``). ``save_predictions`` also writes
+    each scored segmentation there, on the case's grid with its affine and label values.
     """
     run_dir = Path(run_dir)
     predictor = Predictor(run_dir)
@@ -42,13 +44,19 @@ def evaluate_run(run_dir, data_dir=None):
     unlabelled = [c.case_id for c in cases if c.seg is None]
     if unlabelled:
         raise DataError(f"cannot score cases without a segmentation: {', '.join(unlabelled[:5])}")
+    require_writable(out_dir / "predictions" if save_predictions else out_dir)
     rows = []
     for case in tqdm(cases, desc="Evaluating", unit="case", disable=None):
         pred, loaded = predictor.predict_case(case)
         truth = case.layout.labels.to_regions(loaded.seg)
         rows.append({"case_id": case.case_id, **score_regions(pred, truth, loaded.spacing)})
+        if save_predictions:
+            target = out_dir / "predictions" / f"{case.case_id}.nii.gz"
+            try:
+                write_segmentation(case.layout.labels.from_regions(pred), loaded.affine, target)
+            except OSError as err:
+                raise RunError(f"cannot write {target}: {err.strerror or err}") from None
     summary = summarise(rows)
-    out_dir.mkdir(exist_ok=True)
     with atomic_path(out_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()

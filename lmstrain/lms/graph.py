@@ -94,6 +94,16 @@ class StepGraph:
                 constant.add(op)
         return constant
 
+    @functools.cached_property
+    def successor_names(self) -> dict:
+        """Each op's name -> the names of the ops that read its outputs or wait for it.
+        Cached (the graph must not change in between)."""
+        successors = {op.name: set() for op in self.ops}
+        for op in self.ops:
+            for pred in predecessors(op):
+                successors.setdefault(pred.name, set()).add(op.name)
+        return successors
+
     def backward_ancestors(self, op):
         """Backward-pass ops that ``op`` depends on, directly or not.
 

@@ -701,8 +701,9 @@ def _free_before_siblings(step, plan, settings, compute_device, members=frozense
 def _drop_cyclic_pairs(step, plan):
     """Remove ``frees_before`` and ``orderings`` pairs on cycles until none is left (other
     cycles are reported by :func:`~lmstrain.lms.rewrite.check_acyclic`)."""
+    within = None  # every cycle lies among the ops a topological sort cannot order
     while True:
-        cycle = find_cycle(step, plan)
+        cycle, within = _find_cycle(step.successor_names, _plan_edges(plan), within)
         if not cycle:
             return
         edges = set(zip(cycle, cycle[1:]))
@@ -882,14 +883,15 @@ def check_acyclic(step, plan):
 
 def find_cycle(step, plan):
     """A cycle (names, first repeated last) the plan's edges would create, or None."""
-    successors = {op.name: set() for op in step.ops}
-    for op in step.ops:
-        for pred in predecessors(op):
-            successors.setdefault(pred.name, set()).add(op.name)
+    return _find_cycle(step.successor_names, _plan_edges(plan))[0]
+
+
+def _plan_edges(plan):
+    """The plan's edges between ops and swap nodes: name -> names of its successors."""
+    added = {}
 
     def edge(a, b):
-        successors.setdefault(a, set()).add(b)
-        successors.setdefault(b, set())
+        added.setdefault(a, set()).add(b)
 
     for s in plan.swapped:
         out = f"<swap-out of {s.tensor}>"
@@ -917,28 +919,36 @@ def find_cycle(step, plan):
             edge(first, then)
     for first, then in plan.orderings:
         edge(first, then)
-    return _find_cycle(successors)
+    return added
 
 
-def _find_cycle(successors):
-    """One cycle as a list of names (first name repeated at the end), or None."""
-    indegree = {n: 0 for n in successors}
-    for targets in successors.values():
-        for t in targets:
-            indegree[t] += 1
+def _find_cycle(graph, added, within=None):
+    """``(cycle, stuck)``: one cycle (a list of names, the first repeated at the end) of the
+    edges of ``graph`` and ``added`` (name -> names of its successors), or None, and the
+    names a topological sort cannot order (every cycle lies among them). ``within``: look
+    only among these names (a ``stuck`` of the same edges or a superset of them)."""
+    def successors(n):
+        found = (*graph.get(n, ()), *added.get(n, ()))
+        return found if within is None else [t for t in found if t in within]
+
+    nodes = set(graph) | set(added) if within is None else within
+    indegree = dict.fromkeys(nodes, 0)
+    for n in nodes:
+        for t in successors(n):
+            indegree[t] = indegree.get(t, 0) + 1
     queue = deque(n for n, d in indegree.items() if d == 0)
     while queue:
-        for t in successors[queue.popleft()]:
+        for t in successors(queue.popleft()):
             indegree[t] -= 1
             if indegree[t] == 0:
                 queue.append(t)
     stuck = {n for n, d in indegree.items() if d > 0}
     if not stuck:
-        return None
+        return None, stuck
     # Every stuck node has a stuck predecessor; walk backwards until a node repeats.
     preds = {n: [] for n in stuck}
     for n in stuck:
-        for t in successors[n]:
+        for t in successors(n):
             if t in stuck:
                 preds[t].append(n)
     path, seen = [min(stuck)], {}
@@ -946,4 +956,4 @@ def _find_cycle(successors):
         seen[path[-1]] = len(path) - 1
         path.append(min(preds[path[-1]]))
     loop = path[seen[path[-1]]:]
-    return list(reversed(loop))
+    return list(reversed(loop)), stuck

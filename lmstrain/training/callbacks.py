@@ -64,7 +64,8 @@ class RunRecorder(keras.callbacks.Callback):
         if improved:
             state.update(best_epoch=epoch_number, best_value=float(value),
                          best_checkpoint=checkpoint)
-        self.history.append(_history_row(epoch_number, logs))
+        seconds = time.time() - self._epoch_started
+        self.history.append(_history_row(epoch_number, logs, seconds))
         if not self.writes:
             self.state = state
             log.info("epoch %d/%d: %s", epoch_number, self.params["epochs"], _format_logs(logs))
@@ -79,8 +80,8 @@ class RunRecorder(keras.callbacks.Callback):
         with writing(self.files.run_dir / "progress.png"):
             plot_history(self.history, self.files.run_dir / "progress.png")
         self._write_summary()
-        log.info("epoch %d/%d (%.0fs): %s%s", epoch_number, self.params["epochs"],
-                 time.time() - self._epoch_started, _format_logs(logs),
+        log.info("epoch %d/%d (%.0fs): %s%s", epoch_number, self.params["epochs"], seconds,
+                 _format_logs(logs),
                  "  [best]" if improved else "")
 
     def _stop_if_not_finite(self, logs, keys):
@@ -143,15 +144,15 @@ class EpochProgress(keras.callbacks.Callback):
         self.bar.close()
 
 
-def _history_row(epoch, logs):
-    row = {"epoch": epoch}
-    for key in HISTORY_COLUMNS[1:]:
+def _history_row(epoch, logs, seconds):
+    row = {"epoch": epoch, "time_s": f"{seconds:.2f}"}
+    for key in HISTORY_COLUMNS[1:-1]:
         row[key] = f"{float(logs[key]):.6g}" if key in logs else ""
     return row
 
 
 def _numbers(row):
-    return {k: float(v) for k, v in row.items() if k != "epoch" and v != ""}
+    return {k: float(v) for k, v in row.items() if k not in ("epoch", "time_s") and v != ""}
 
 
 def _format_logs(logs):

@@ -10,7 +10,8 @@ from pathlib import Path
 import keras
 import yaml
 
-from lmstrain.config import config_from_dict, require_data_root, save_config, swap_settings
+from lmstrain.config import (config_from_dict, require_data_root, save_config, split_seed,
+                             swap_settings)
 from lmstrain.data.brats import discover_cases
 from lmstrain.data.cache import VolumeCache
 from lmstrain.data.pipeline import input_errors, make_dataset, prepare_cases
@@ -49,7 +50,7 @@ def fit(config):
     if config.data.max_cases:
         cases = cases[:config.data.max_cases]
     cases = prepare_cases(cases, volume_cache(config), config.data.on_error)
-    train_cases, val_cases = split_cases(cases, config.data.val_fraction, config.train.seed)
+    train_cases, val_cases = split_cases(cases, config.data.val_fraction, split_seed(config))
     distribute.steps_per_epoch(config, len(train_cases), _global_batch(config, strategy))
     if not chief:
         return _train(config, strategy, None, train_cases, val_cases, writes=False)
@@ -59,7 +60,7 @@ def fit(config):
         with writing(run_dir / "config.yaml"):
             save_config(config, run_dir / "config.yaml")
         with writing(run_dir / "split.json"):
-            save_split(run_dir / "split.json", train_cases, val_cases, config.train.seed)
+            save_split(run_dir / "split.json", train_cases, val_cases, split_seed(config))
         log.info("Run directory: %s", run_dir)
         log.info("%d cases: %d for training, %d for validation", len(cases), len(train_cases),
                  len(val_cases))

@@ -88,7 +88,7 @@ def launch(args: list[str], workers: int) -> int:
                 [sys.executable, "-m", "lmstrain.cli", *args],
                 env={**os.environ, "TF_CONFIG": tf_config(ports, index)},
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent)
+                preexec_fn=exit_with_parent)
             processes.append(process)
             copier = threading.Thread(target=_copy, args=(process.stdout, f"[worker {index}] "),
                                       daemon=True)
@@ -145,8 +145,9 @@ def _copy(stream, prefix):
     stream.close()
 
 
-def _die_with_parent():
-    """In the worker, before it starts: the kernel kills it when the launcher dies."""
+def exit_with_parent():
+    """A ``preexec_fn`` for a child process, run before it starts: the kernel kills it when
+    the process that started it dies (Linux parent-death signal)."""
     if sys.platform.startswith("linux"):
         import ctypes
 

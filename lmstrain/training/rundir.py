@@ -10,7 +10,8 @@ A run directory ``<output.root>/<output.name>-<timestamp>/`` holds::
                                  one and of the best one (what --resume continues from)
     checkpoints/last.keras       the same file as state.json's checkpoint (a hard link)
     checkpoints/best.keras       the same file as state.json's best_checkpoint
-    history.csv                  one row per epoch (rows after state.json's epoch are ignored)
+    history.csv                  one row per epoch: losses, dice, the epoch's wall time with
+                                 validation (rows after state.json's epoch are ignored)
     tensorboard/                 TensorBoard logs
     progress.png                 loss and dice per epoch
     summary.json                 epochs, best and final metrics, wall time
@@ -37,7 +38,7 @@ from lmstrain.data.brats import REGIONS
 from lmstrain.errors import RunError, UserError
 
 METRICS = ("loss", *(f"dice_{r}" for r in (*REGIONS, "mean")))
-HISTORY_COLUMNS = ("epoch", *METRICS, *(f"val_{m}" for m in METRICS))
+HISTORY_COLUMNS = ("epoch", *METRICS, *(f"val_{m}" for m in METRICS), "time_s")
 
 
 
