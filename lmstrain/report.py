@@ -96,7 +96,7 @@ def plot_step_times(trials, path):
 
 def plot_study_dice(sizes, path):
     """Dice per region against voxel count: each validation case a grey line across the
-    sizes (its mean over seeds), the mean over cases in colour."""
+    sizes (its mean over seeds), the mean over cases in colour, the label round trip dashed."""
     fig, axes = plt.subplots(1, len(REGIONS), figsize=(12, 4), sharey=True)
     x = [s["voxels"] for s in sizes]
     for ax, region, color in zip(axes, REGIONS, ("tab:green", "tab:orange", "tab:red")):
@@ -106,6 +106,9 @@ def plot_study_dice(sizes, path):
                     color="0.6", alpha=0.5, lw=0.8)
         ax.plot(x, [s["summary"][key]["mean"] for s in sizes], "o-", color=color, lw=2,
                 label="mean over cases")
+        if all(s.get("label_round_trip") for s in sizes):
+            ax.plot(x, [s["label_round_trip"][key] for s in sizes], "--", color=color, lw=1,
+                    label="label round trip (mean)")
         ax.set_xscale("log")
         ax.set_xticks(x, [f"{s['size']}\n{s['voxels']:,}" for s in sizes], fontsize=8)
         ax.minorticks_off()

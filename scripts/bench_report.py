@@ -81,7 +81,7 @@ def study_section():
              f"grid over {n} validation cases. Dice: mean, median [interquartile range] over "
              "the cases.", "",
              "| size | voxels | swapping | predicted peak | epoch time | WT Dice | TC Dice | "
-             "ET Dice |", "|---|---|---|---|---|---|---|---|"]
+             "ET Dice | label round trip WT / TC / ET |", "|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         cells = []
         for region in ("wt", "tc", "et"):
@@ -93,7 +93,9 @@ def study_section():
         lines.append(f"| {'x'.join(map(str, size['shape']))} | {size['voxels']:,} | "
                      f"{'on' if decision['swapping'] else 'off'} | "
                      f"{_bytes(decision['predicted_peak_bytes'])} | "
-                     f"{_seconds(size['epoch_time_s'])} | " + " | ".join(cells) + " |")
+                     f"{_seconds(size['epoch_time_s'])} | " + " | ".join(cells) + " | "
+                     + " / ".join(f"{size['label_round_trip'][f'dice_{r}']:.3f}"
+                                  for r in ("wt", "tc", "et")) + " |")
     lines += ["", "Paired comparison of Dice per case (Wilcoxon signed-rank, scipy):", "",
               "| sizes | region | mean difference | p | verdict |", "|---|---|---|---|---|"]
     for c in study["comparisons"]:
@@ -105,7 +107,11 @@ def study_section():
               "run's validation cases, epoch time the median over epochs after the first "
               "(training and validation, wall clock, from `history.csv`). Predicted peaks "
               "are the simulator's (not measured; on a CPU the budget is not enforced during "
-              f"`fit`). Swap decisions: {why}. `dice.png` and `epoch_time.png` in "
+              "`fit`). Label round trip: the mean Dice of each validation case's own "
+              "segmentation taken to the size's grid and back, as training labels and "
+              "predictions are (the same cases, no network): what a network reproducing its "
+              "thresholded training labels would score; a network's soft predictions can "
+              "score more. Swap decisions: {why}. `dice.png` and `epoch_time.png` in "
               "`results/study/`.", ""]
     return lines
 

@@ -13,6 +13,7 @@ from lmstrain.data.brats import discover_cases
 from lmstrain.data.preprocess import Settings, preprocess_case
 from lmstrain.data.synth import write_dataset
 from lmstrain.evaluation.metrics import dice, hd95, score_regions, sensitivity
+from lmstrain.evaluation.scoring import label_round_trip
 from lmstrain.evaluation.inference import gaussian_weight, segment, sliding_window, write_segmentation
 
 
@@ -91,6 +92,16 @@ def trained_run(tmp_path_factory, brats2021_root):
     assert result.exit_code == 0, result.output
     (run_dir,) = (tmp / "runs").iterdir()
     return run_dir
+
+
+def test_the_label_round_trip_is_exact_on_the_cases_own_grid_and_lower_on_a_coarser_one(
+        brats2021_root):
+    case = discover_cases(brats2021_root)[0]
+    box = preprocess_case(case, Settings((16, 16, 16))).transform.bbox
+    native = Settings(tuple(hi - lo for lo, hi in box))
+    assert label_round_trip(case, native) == {"dice_wt": 1.0, "dice_tc": 1.0, "dice_et": 1.0}
+    coarse = label_round_trip(case, Settings((8, 8, 8)))
+    assert all(value < 1 for value in coarse.values())
 
 
 def test_evaluate_scores_only_validation_cases(trained_run):

@@ -107,7 +107,8 @@ def test_isensee_unet_trains_identically_with_validation():
 
 @pytest.mark.parametrize("build, data, loss", [
     (branched_3d, volumes(4, 8, 2, 1), "binary_crossentropy"),
-    (mobilenet_v2, images(8, 32), "sparse_categorical_crossentropy"),
+    pytest.param(mobilenet_v2, images(8, 32), "sparse_categorical_crossentropy",
+                 marks=pytest.mark.slow),  # about 45 s; test_distribute trains a Keras application
 ], ids=["branched_3d", "keras_mobilenet_v2"])
 def test_models_with_branches_train_identically(build, data, loss):
     assert_same_training(build, data, loss=loss, batch_size=4)

@@ -1,5 +1,6 @@
 """Swapping the step's inputs: the batch is freed after its swap-out, measured and simulated."""
 
+import pytest
 import tensorflow as tf
 
 from lmstrain.config import load_config
@@ -41,6 +42,7 @@ def test_only_the_step_arguments_are_inputs_and_they_are_swapped():
     assert "outside the step" in {s.tensor: s.reason for s in plan.skipped}["x:0"]
 
 
+@pytest.mark.slow  # about 40 s of profiled training
 def test_a_swapped_batch_is_freed_after_its_swap_out_and_the_peak_drops():
     config = load_config("configs/demo.yaml")
     shape, batch = (32, 32, 32), 2

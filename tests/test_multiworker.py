@@ -175,6 +175,7 @@ def two_workers(path, tmp_path, ports):
     return chief, args, {**env, "TF_CONFIG": tf_config(ports, 1)}
 
 
+@pytest.mark.slow  # about 20 s; naming the lost worker is tested on TensorFlow's message below
 def test_a_lost_worker_stops_the_other_within_the_timeout_naming_it(setup, tmp_path):
     _, path = setup
     ports = free_ports(2)

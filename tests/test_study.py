@@ -85,6 +85,10 @@ def test_a_killed_study_resumes_its_runs_and_scores_them_on_the_original_grid(
                     scores[f"dice_{region}"], abs=1e-5)
         assert size["summary"]["dice_wt"]["mean"] == pytest.approx(
             np.mean([s["dice_wt"] for s in run["cases"].values()]))
+        trip = size["label_round_trip"]  # the validation labels to the size's grid and back
+        assert set(trip["cases"]) == set(run["cases"])
+        assert all(0 <= trip[f"dice_{r}"] <= 1 for r in ("wt", "tc", "et"))
+    assert "Label round trip" in result.output
 
     # Resumed again: every run is finished, nothing runs.
     logs = {p.name: p.stat().st_size for p in (out / "logs").iterdir()}

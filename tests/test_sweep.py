@@ -153,6 +153,7 @@ def test_a_child_that_dies_is_a_crash_and_a_slow_one_a_timeout(tiny, tmp_path):
     assert slow.status == "timeout" and slow.reason == "no result within 1 s"
 
 
+@pytest.mark.slow  # about 80 s; `plan` searches with the simulator in the default run
 def test_simulate_mode_finds_both_limits_without_training_and_resumes(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: {base_filters: 4, depth: 3}\ndata: {shape: [16, 16, 16]}\n")

@@ -111,6 +111,15 @@ def study_table(record: dict) -> str:
                      f"{size['voxels']:>11,} {swap:>4} "
                      f"{_b(decision.get('predicted_peak_bytes')):>10} "
                      f"{_b(size.get('measured_peak_bytes')):>10} {time:>9}{cells}")
+    trips = [s for s in record["sizes"] if s.get("label_round_trip")]
+    if trips:
+        lines += ["", "Label round trip (each validation segmentation taken to the size's grid "
+                      "and back: what a network reproducing its thresholded training labels "
+                      "would score), mean Dice:"]
+        for s in trips:
+            dice = s["label_round_trip"]
+            lines.append(f"  {s['size']:>4}  " + "  ".join(f"{r.upper()} {dice[f'dice_{r}']:.3f}"
+                                                           for r in REGIONS))
     if record["comparisons"]:
         n = record["comparisons"][0]["n_cases"]
         lines += ["", f"Paired comparison of Dice (Wilcoxon signed-rank over {n} validation "

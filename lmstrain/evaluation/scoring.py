@@ -16,10 +16,12 @@ from tqdm import tqdm
 from lmstrain.atomic import atomic_path, write_text
 from lmstrain.config import require_data_root
 from lmstrain.data.brats import REGIONS, discover_cases
+from lmstrain.data.preprocess import preprocess_case
 from lmstrain.data.split import load_split
 from lmstrain.errors import DataError, RunError
-from lmstrain.evaluation.metrics import METRICS, score_regions
-from lmstrain.evaluation.inference import Predictor, require_writable, write_segmentation
+from lmstrain.evaluation.inference import (Predictor, nested, require_writable, segment,
+                                           write_segmentation)
+from lmstrain.evaluation.metrics import METRICS, dice, score_regions
 from lmstrain.report import plot_scores
 
 COLUMNS = ("case_id", *(f"{m}_{r}" for m in METRICS for r in REGIONS))
@@ -65,6 +67,18 @@ def evaluate_run(run_dir, data_dir=None, save_predictions: bool = False):
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_scores(rows, out_dir / "boxplot.png")
     return rows, summary, out_dir
+
+
+def label_round_trip(case, settings) -> dict:
+    """Dice per region of ``case``'s own segmentation taken to the network grid as training
+    labels are and back as predictions are (``{"dice_wt": ...}``): what a network reproducing
+    its thresholded training labels at ``settings.shape`` would score. A network's soft
+    predictions can score more: it is a reference, not a bound."""
+    labels = preprocess_case(case, settings).regions.astype(np.float32)
+    probabilities, loaded = segment(case, settings, lambda _batch: labels[None])
+    pred = nested(probabilities >= 0.5)
+    truth = case.layout.labels.to_regions(loaded.seg)
+    return {f"dice_{r}": dice(pred[..., i], truth[..., i]) for i, r in enumerate(REGIONS)}
 
 
 def summarise(rows):

@@ -104,6 +104,14 @@ class StepGraph:
                 successors.setdefault(pred.name, set()).add(op.name)
         return successors
 
+    def upstream(self, op):
+        """``op`` and every op it depends on, directly or not. Cached (the graph must not
+        change in between)."""
+        key = (op, None)
+        if key not in self._ancestors:
+            self._ancestors[key] = ancestors([op])
+        return self._ancestors[key]
+
     def backward_ancestors(self, op):
         """Backward-pass ops that ``op`` depends on, directly or not.
 

@@ -49,8 +49,7 @@ from dataclasses import asdict, dataclass, field
 
 from lmstrain.lms import _tf, devices
 from lmstrain.lms.errors import SwapCycleError
-from lmstrain.lms.graph import (BACKWARD, FORWARD, SHAPE_ONLY_TYPES, UPDATE, ancestors,
-                                predecessors)
+from lmstrain.lms.graph import BACKWARD, FORWARD, SHAPE_ONLY_TYPES, UPDATE, predecessors
 from lmstrain.lms.settings import SYNC_SWAPIN, SYNC_SWAPOUT
 
 # A tensor is long-lived when a consumer runs this share of the step's levels later.
@@ -642,7 +641,7 @@ def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8,
     :func:`_arithmetic_groups`), so the gradient is on the host before the pass goes on.
     """
     phase = step.phase[tensor.op]
-    upstream = ancestors([tensor.op])  # a read the producer needs cannot wait for it
+    upstream = step.upstream(tensor.op)  # a read the producer needs cannot wait for it
     if frontier is None:
         frontier = [c for c in _consumers(tensor) if step.phase.get(c) == FORWARD]
     gates, seen = [], set(frontier)
@@ -790,13 +789,10 @@ def _readers(step, tensor):
 def _ready_with(step, reader, views, producer):
     """True if ``reader`` needs nothing but ``views`` and what is there before ``producer``
     (or computed from constants only)."""
-    upstream = None
     for t in reader.inputs:
         if t.name in views or t.op.type in READY_TYPES or t.op in step.folded:
             continue
-        if upstream is None:
-            upstream = ancestors([producer])
-        if t.op not in upstream:
+        if t.op not in step.upstream(producer):
             return False
     return True
 

@@ -72,6 +72,14 @@ def size_result(runs: list[dict]) -> dict:
                       for c, values in cases.items()}}
 
 
+def round_trip_result(cases: dict | None) -> dict | None:
+    """A size's label round trip: the mean per region over the validation cases, and each case's."""
+    if not cases:
+        return None
+    return {**{f"dice_{r}": float(np.mean([c[f"dice_{r}"] for c in cases.values()]))
+               for r in REGIONS}, "cases": cases}
+
+
 def paired_comparison(smaller: dict[str, float], larger: dict[str, float]) -> dict:
     """Whether ``larger``'s per-case scores differ from ``smaller``'s beyond noise: the
     Wilcoxon signed-rank test over the cases both scored.
@@ -121,7 +129,8 @@ def comparisons(sizes: list[dict]) -> list[dict]:
 SUMMARY_SCORES = tuple(f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS)
 SIZE_COLUMNS = ("size", "shape", "voxels", "swapping", "predicted_peak_bytes",
                 "measured_peak_bytes", "epoch_time_s", "runs_finished", "runs_failed",
-                "n_cases", *(f"{k}_{s}" for k in SUMMARY_SCORES for s in ("mean", "median")))
+                "n_cases", *(f"{k}_{s}" for k in SUMMARY_SCORES for s in ("mean", "median")),
+                *(f"round_trip_dice_{r}" for r in REGIONS))
 CASE_COLUMNS = ("size", "seed", "case_id", *SCORES)
 
 
@@ -137,6 +146,9 @@ def write_tables(record: dict, out_dir: Path) -> None:
                "measured_peak_bytes": size.get("measured_peak_bytes"),
                "epoch_time_s": size.get("epoch_time_s"), "runs_finished": size["runs_finished"],
                "runs_failed": size["runs_failed"]}
+        trip = size.get("label_round_trip")
+        if trip:
+            row.update({f"round_trip_dice_{r}": trip[f"dice_{r}"] for r in REGIONS})
         summary = size.get("summary")
         if summary:
             row["n_cases"] = summary["n_cases"]

@@ -9,13 +9,18 @@ prediction (the one ``lmstrain fit`` checks and ``lmstrain plan`` reports) decid
 it swaps to fit the budget; the run is then started with swapping on or off, since the two
 need different device set-ups before TensorFlow starts. The study folder holds::
 
-    study.json   options, the config, per size its swap decision and why, its runs, results
-                 and the paired comparisons (written after every run)
+    study.json   options, the config, per size its swap decision and why, its runs, results,
+                 its label round trip and the paired comparisons (written after every run)
     study.csv    one row per size;  cases.csv: one row per run and validation case
     dice.png, epoch_time.png
     config.yaml  the resolved config every run starts from
     runs/        the run directories, size032-seed0-<timestamp>/ ...
     logs/        each run's fit and evaluate output, size032-seed0.log
+
+A size's label round trip is the Dice of each validation case's own segmentation taken to
+the size's grid and back (:func:`~lmstrain.evaluation.scoring.label_round_trip`): what a
+network reproducing its thresholded training labels exactly would score (soft predictions
+can score more), computed once the size has a split.
 
 A run counts as finished when it trained every epoch and its evaluation is written; a
 resumed study skips those, continues a run from its last finished epoch, and starts again a
@@ -32,11 +37,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+from tqdm import tqdm
+
 from lmstrain import locking
 from lmstrain.atomic import write_text
 from lmstrain.config import Config, config_from_dict, divisor, require_data_root, save_config, \
     split_seed
+from lmstrain.data.brats import discover_cases
+from lmstrain.data.preprocess import Settings
+from lmstrain.data.split import load_split
 from lmstrain.errors import LmstrainError, UserError
+from lmstrain.evaluation.scoring import label_round_trip
 from lmstrain.lms.errors import LMSError
 from lmstrain.planning.sizing import MAX_EDGE, voxels
 from lmstrain.planning.sweep import scaled_shapes
@@ -92,6 +103,7 @@ class Study:
         else:  # a new study (--resume with nothing to resume starts one, as maxres does)
             check_output_root(self.out_dir)
         self.decisions: dict[int, dict] = {}
+        self.round_trips: dict[int, dict] = {}  # size -> case id -> Dice per region
         self.runs: dict[RunSpec, dict] = {}
 
     def run(self, on_run=None) -> dict:
@@ -108,6 +120,8 @@ class Study:
                 saved = json.loads(self.record_path.read_text())
                 self.decisions = {s["size"]: s["decision"] for s in saved["sizes"]
                                   if s.get("decision")}
+                self.round_trips = {s["size"]: s["label_round_trip"]["cases"]
+                                    for s in saved["sizes"] if s.get("label_round_trip")}
             with writing(self.out_dir / "config.yaml"):
                 save_config(self.config, self.out_dir / "config.yaml")
             for spec in self.specs:
@@ -119,6 +133,10 @@ class Study:
                 swapping = self.decisions[spec.size]["swapping"]
                 self.runs[spec] = (self._run(spec, swapping) if swapping is not None else
                                    _failed(spec, "planning", self.decisions[spec.size]["why"]))
+                if spec.size not in self.round_trips and \
+                        self.runs[spec]["status"] == "finished":
+                    self.round_trips[spec.size] = self._round_trip(
+                        spec, Path(self.runs[spec]["run_dir"]))
                 self._write()
                 if on_run:
                     on_run(spec, self.runs[spec])
@@ -151,6 +169,17 @@ class Study:
                     check.without_swap.peak_bytes if check.without_swap else None,
                 "predicted": memcheck.PREDICTED.format(executor=predicted.executor)
                 if predicted else None}
+
+    def _round_trip(self, spec: RunSpec, run_dir: Path) -> dict:
+        """The label round trip of each validation case of ``run_dir``'s split at ``spec``'s
+        size (the split is the same for every run of the study)."""
+        config = config_from_dict(self.config.to_dict(), self.overrides(spec, False))
+        cases = discover_cases(require_data_root(config), config.data.layout)
+        _train, validation = load_split(run_dir / "split.json", cases)
+        settings = Settings.from_config(config)
+        cases = tqdm(validation, desc=f"Label round trip at {spec.size}", unit="case",
+                     leave=False, disable=None)
+        return {case.case_id: label_round_trip(case, settings) for case in cases}
 
     def _run(self, spec: RunSpec, swapping: bool) -> dict:
         """Train (or continue) and evaluate ``spec``'s run; return its record."""
@@ -208,7 +237,8 @@ class Study:
             runs = [self.runs[s] for s in self.specs if s.size == size and s in self.runs]
             sizes.append({"size": size, "shape": list(shape), "voxels": voxels(shape),
                           "decision": self.decisions.get(size), "runs": runs,
-                          **analysis.size_result(runs)})
+                          **analysis.size_result(runs), "label_round_trip":
+                              analysis.round_trip_result(self.round_trips.get(size))})
         record = {"config": self.config.to_dict(), "options": asdict(self.options),
                   "complete": all(self.runs.get(s, {}).get("status") == "finished"
                                   for s in self.specs),
