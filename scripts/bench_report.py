@@ -7,6 +7,8 @@ simulated. Run by `make bench-all` after the benchmarks, or on its own.
 import json
 from pathlib import Path
 
+import numpy as np
+
 from lmstrain.atomic import write_text
 from lmstrain.planning.sweep import swap_gain
 from lmstrain.units import format_bytes
@@ -85,8 +87,8 @@ def study_section():
     for size in sizes:
         cells = []
         for region in ("wt", "tc", "et"):
-            values = sorted(c[f"dice_{region}"] for c in size["cases"].values())
-            q1, q3 = (values[int(round(q * (len(values) - 1)))] for q in (0.25, 0.75))
+            q1, q3 = np.percentile([c[f"dice_{region}"] for c in size["cases"].values()],
+                                   (25, 75))
             d = size["summary"][f"dice_{region}"]
             cells.append(f"{d['mean']:.3f}, {d['median']:.3f} [{q1:.3f}-{q3:.3f}]")
         decision = size["decision"]

@@ -110,9 +110,15 @@ def preprocess_case(case, settings, with_seg=True):
     box, regions, transform = normalized_box(load_case(case, with_seg), case, settings)
     image = network_image(box, settings)
     if regions is not None:
-        regions = (to_network_grid(regions.astype(np.float32), settings, sitk.sitkLinear)
-                   >= 0.5).astype(np.uint8)
+        regions = network_regions(regions, settings)
     return Preprocessed(image, regions, transform)
+
+
+def network_regions(regions, settings):
+    """WT/TC/ET masks of the brain box on the network grid, as training sees them: linear
+    interpolation, then threshold 0.5."""
+    return (to_network_grid(regions.astype(np.float32), settings, sitk.sitkLinear)
+            >= 0.5).astype(np.uint8)
 
 
 def network_image(box, settings):

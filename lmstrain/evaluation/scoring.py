@@ -16,11 +16,10 @@ from tqdm import tqdm
 from lmstrain.atomic import atomic_path, write_text
 from lmstrain.config import require_data_root
 from lmstrain.data.brats import REGIONS, discover_cases
-from lmstrain.data.preprocess import preprocess_case
+from lmstrain.data.preprocess import crop_to_brain, load_case, network_regions, restore
 from lmstrain.data.split import load_split
 from lmstrain.errors import DataError, RunError
-from lmstrain.evaluation.inference import (Predictor, nested, require_writable, segment,
-                                           write_segmentation)
+from lmstrain.evaluation.inference import Predictor, nested, require_writable, write_segmentation
 from lmstrain.evaluation.metrics import METRICS, dice, score_regions
 from lmstrain.report import plot_scores
 
@@ -74,9 +73,10 @@ def label_round_trip(case, settings) -> dict:
     labels are and back as predictions are (``{"dice_wt": ...}``): what a network reproducing
     its thresholded training labels at ``settings.shape`` would score. A network's soft
     predictions can score more: it is a reference, not a bound."""
-    labels = preprocess_case(case, settings).regions.astype(np.float32)
-    probabilities, loaded = segment(case, settings, lambda _batch: labels[None])
-    pred = nested(probabilities >= 0.5)
+    loaded = load_case(case)
+    _box, seg, transform = crop_to_brain(loaded)
+    labels = network_regions(case.layout.labels.to_regions(seg), settings)
+    pred = nested(restore(labels.astype(np.float32), transform, settings) >= 0.5)
     truth = case.layout.labels.to_regions(loaded.seg)
     return {f"dice_{r}": dice(pred[..., i], truth[..., i]) for i, r in enumerate(REGIONS)}
 

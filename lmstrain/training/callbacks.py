@@ -10,7 +10,7 @@ from tqdm import tqdm
 from lmstrain.errors import RunError
 from lmstrain.report import plot_history
 from lmstrain.training.faults import fault_point
-from lmstrain.training.rundir import HISTORY_COLUMNS, writing
+from lmstrain.training.rundir import LOGGED, writing
 
 log = logging.getLogger("lmstrain.training.fit")
 
@@ -146,7 +146,7 @@ class EpochProgress(keras.callbacks.Callback):
 
 def _history_row(epoch, logs, seconds):
     row = {"epoch": epoch, "time_s": f"{seconds:.2f}"}
-    for key in HISTORY_COLUMNS[1:-1]:
+    for key in LOGGED:
         row[key] = f"{float(logs[key]):.6g}" if key in logs else ""
     return row
 

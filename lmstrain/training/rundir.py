@@ -38,7 +38,8 @@ from lmstrain.data.brats import REGIONS
 from lmstrain.errors import RunError, UserError
 
 METRICS = ("loss", *(f"dice_{r}" for r in (*REGIONS, "mean")))
-HISTORY_COLUMNS = ("epoch", *METRICS, *(f"val_{m}" for m in METRICS), "time_s")
+LOGGED = (*METRICS, *(f"val_{m}" for m in METRICS))  # what Keras logs per epoch
+HISTORY_COLUMNS = ("epoch", *LOGGED, "time_s")
 
 
 
