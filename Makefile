@@ -46,9 +46,16 @@ bench-maxres: install
 	$(BIN)/lmstrain maxres configs/demo.yaml --set model.split_concat=true \
 		--device-memory 256MiB --sizes 40:160:8 --batch-sizes 1 \
 		--out bench/results/maxres-cpu-split --resume
+	$(BIN)/lmstrain maxres configs/demo.yaml --set model.split_concat=true \
+		--set model.norm=instance_lean --device-memory 256MiB --sizes 40:160:8 \
+		--batch-sizes 1 --out bench/results/maxres-cpu-split-lean --resume
 	$(BIN)/lmstrain maxres configs/brats2021_isensee.yaml --mode simulate --executor gpu \
 		--device-memory 16GiB,32GiB,40GiB,80GiB --sizes 128:512:16 \
 		--out bench/results/maxres-sim --resume
+	$(BIN)/lmstrain maxres configs/brats2021_isensee.yaml --mode simulate --executor gpu \
+		--set model.split_concat=true --set model.norm=instance_lean \
+		--device-memory 16GiB --sizes 128:512:16 \
+		--out bench/results/maxres-sim-split-lean --resume
 
 bench-overhead: install
 	$(BIN)/python scripts/bench_overhead.py --out bench/results/overhead.json

@@ -73,7 +73,10 @@ class ModelConfig:
     base_filters: int = _key(16, "Filters at the top level; doubled at each level below.", min=1)
     depth: int = _key(5, "Number of resolution levels; input edges must divide by 2**(depth-1).",
                       min=2, max=8)
-    norm: Literal["instance", "batch", "none"] = _key("instance", "Normalisation after each conv.")
+    norm: Literal["instance", "instance_lean", "batch", "none"] = _key(
+        "instance", "Normalisation after each conv. instance_lean: instance normalisation with "
+                    "a gradient that holds three full-size tensors instead of Keras's four (the "
+                    "same layer mathematically and the same weights; a lower backward peak).")
     dropout: float = _key(0.3, "Spatial dropout rate in the context modules (isensee2017).", min=0.0,
                           max=0.9)
     deep_supervision: bool = _key(True, "Sum segmentation outputs of the 3 finest decoder levels "

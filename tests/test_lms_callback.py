@@ -105,6 +105,15 @@ def test_isensee_unet_trains_identically_with_validation():
     assert "Placeholder" in {s.producer_type for s in lms.plans[-1].swapped}  # the batch
 
 
+def test_lean_instance_norm_trains_identically_with_its_outputs_swapped():
+    """tf.custom_gradient returns InstanceNormalization's output through an IdentityN, which
+    the backward pass reads (the activation's gradient): the plan swaps it like any view."""
+    lms, _ = assert_same_training(
+        lambda: isensee2017((16, 16, 16), base_filters=4, depth=3, norm="instance_lean"),
+        volumes(4, 16, 4, 3), batch_size=2)
+    assert "IdentityN" in {s.producer_type for s in lms.plans[-1].swapped}
+
+
 @pytest.mark.parametrize("build, data, loss", [
     (branched_3d, volumes(4, 8, 2, 1), "binary_crossentropy"),
     pytest.param(mobilenet_v2, images(8, 32), "sparse_categorical_crossentropy",

@@ -63,9 +63,11 @@ LONG_LIVED_SHARE = 0.03
 # CPUs with steps_per_execution > 1, where the loop's Optional holds that same buffer all
 # step: the LMS callback then empties ``input_ops``. ``IteratorGetNext`` and
 # ``OptionalGetValue`` stay excluded: they appear in the outer function, not the traced step.
+# ``IdentityN`` is swapped: ``tf.custom_gradient`` returns a layer's output through one (as
+# ``Reshape``, a view of an activation that the backward pass reads).
 NEVER_SWAPPED_TYPES = frozenset({
     "Const", "Placeholder", "PlaceholderWithDefault", "ReadVariableOp", "VarHandleOp",
-    "VariableV2", "Identity", "IdentityN", "IteratorGetNext", "OptionalGetValue",
+    "VariableV2", "Identity", "IteratorGetNext", "OptionalGetValue",
 }) | SHAPE_ONLY_TYPES
 
 # Constants, aliases and metadata ops: useless or fragile (folded by Grappler) as triggers.

@@ -6,6 +6,9 @@ owns the one kernel a ``Conv3D`` would own for the concatenated input (same shap
 initialisers), so the two forms are the same layer with the same weights; this one only skips
 materialising the concatenated tensor (``model.split_concat``).
 
+InstanceNormalization: Keras's ``GroupNormalization(groups=-1)`` with a gradient that holds three
+full-size tensors instead of four (``model.norm: instance_lean``).
+
 RecomputedModule: a module's layers run under ``tf.recompute_grad`` (``model.remat: blocks``).
 """
 
@@ -51,6 +54,69 @@ class SplitConcatConv3D(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": self.kernel_size, "use_bias": self.use_bias}
+
+
+@keras.saving.register_keras_serializable(package="lmstrain")
+class InstanceNormalization(keras.layers.Layer):
+    """Instance normalisation (one group per channel, channels_last), as
+    ``keras.layers.GroupNormalization(groups=-1)`` computes it forward, with its own gradient.
+
+    TensorFlow's automatic gradient of the Keras layer broadcasts the gradients of the mean
+    and of the variance back to full size, so the input's gradient is a sum of three
+    full-size terms made while the input itself is live again: four full-size tensors at
+    once. Here the gradient is ``dx = rstd * gamma * (dy - (sum(dy) + xhat * sum(dy * xhat))
+    / n)``, with ``xhat`` recomputed from the input: ``dy``, ``xhat`` and ``dy * xhat`` at
+    most, each later step written into a buffer it replaces. The weights (``gamma``,
+    ``beta``) have the Keras layer's shapes, names and initialisers.
+    """
+
+    def __init__(self, epsilon=1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = int(input_shape[-1])
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+
+    def call(self, inputs):
+        dtype = keras.backend.result_type(inputs.dtype, "float32")  # as GroupNormalization
+        outputs = _instance_norm(ops.cast(inputs, dtype), ops.cast(self.gamma, dtype),
+                                 ops.cast(self.beta, dtype), self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def _instance_norm(x, gamma, beta, epsilon):
+    """``InstanceNormalization``'s arithmetic on tensors ``(batch, *spatial, channels)``."""
+    axes = list(range(1, len(x.shape) - 1))
+
+    @tf.custom_gradient
+    def normalise(x, gamma, beta):
+        mean, variance = tf.nn.moments(x, axes, keepdims=True)
+        inv = tf.math.rsqrt(variance + epsilon) * gamma
+        outputs = x * inv + (beta - mean * inv)
+
+        def gradient(dy):
+            with tf.control_dependencies([dy]):  # not in the forward pass, as soon as x is
+                rstd = tf.math.rsqrt(variance + epsilon)
+                xhat = (x - mean) * rstd
+            n = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), x.dtype)
+            sum_dy = tf.reduce_sum(dy, axes, keepdims=True)
+            sum_dy_xhat = tf.reduce_sum(dy * xhat, axes, keepdims=True)
+            dx = (dy - (xhat * sum_dy_xhat + sum_dy) / n) * (rstd * gamma)
+            batch_axes = [0, *axes]
+            return (dx, tf.reduce_sum(sum_dy_xhat, batch_axes),
+                    tf.reduce_sum(sum_dy, batch_axes))
+
+        return outputs, gradient
+
+    return normalise(x, gamma, beta)
 
 
 @keras.saving.register_keras_serializable(package="lmstrain")

@@ -11,7 +11,7 @@ from keras import layers
 
 from lmstrain.config import divisor, misfit_edges
 from lmstrain.errors import ConfigError
-from lmstrain.model.layers import RecomputedModule, SplitConcatConv3D
+from lmstrain.model.layers import InstanceNormalization, RecomputedModule, SplitConcatConv3D
 
 N_CHANNELS = 4
 N_REGIONS = 3
@@ -185,6 +185,8 @@ def conv_block_layers(filters, kernel_size=3, strides=1, norm="instance",
                                use_bias=use_bias, name=f"{name}_conv")]
     if norm == "instance":
         block.append(layers.GroupNormalization(groups=-1, name=f"{name}_norm"))
+    elif norm == "instance_lean":
+        block.append(InstanceNormalization(name=f"{name}_norm"))
     elif norm == "batch":
         block.append(layers.BatchNormalization(name=f"{name}_norm"))
     if activation == "leaky_relu":
