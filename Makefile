@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim bench-maxres \
-        bench-overhead bench-distribute bench-recompute bench-peers bench-study bench-report bench-all
+        bench-overhead bench-distribute bench-recompute bench-lean-norm bench-peers bench-study bench-report bench-all
 
 install: $(STAMP)
 
@@ -66,6 +66,9 @@ bench-distribute: install
 bench-recompute: install
 	$(BIN)/python scripts/bench_recompute.py --out bench/results/recompute.json
 
+bench-lean-norm: install
+	$(BIN)/python scripts/bench_lean_norm.py --out bench/results/lean_norm.json
+
 # Resumes: delete bench/results/peers to measure again from scratch.
 bench-peers: install
 	$(BIN)/python scripts/bench_peers.py --out bench/results/peers
@@ -84,7 +87,7 @@ bench-report: install
 	$(BIN)/python scripts/bench_report.py
 
 bench-all: bench-pipeline bench-lms bench-sim bench-maxres bench-overhead bench-distribute \
-           bench-recompute bench-peers bench-study
+           bench-recompute bench-lean-norm bench-peers bench-study
 	$(MAKE) bench-report
 
 clean-demo:

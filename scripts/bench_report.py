@@ -198,6 +198,8 @@ def main():
         lines += ["## Swap overhead (`make bench-overhead`)", "", overhead["summary_markdown"], ""]
     lines += measured_section("recompute.json",
                               "Recomputing instead of copying (`make bench-recompute`)")
+    lines += measured_section("lean_norm.json",
+                              "Instance normalisation's leaner gradient (`make bench-lean-norm`)")
     peers = load("peers/results.json")
     if peers:
         lines += ["## Swapping and its peers (`make bench-peers`)", "",
