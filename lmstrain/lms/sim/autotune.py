@@ -4,13 +4,13 @@ The search follows TFLMS v2's: with the prefetch distance and grouping fixed, fi
 largest ``swapout_threshold`` (fewest tensors swapped) whose predicted peak fits; then the
 largest ``swapin_ahead`` that still fits (the earliest safe prefetch); then the largest
 ``swapin_groupby`` (fewest swap-ins). With ``recompute: auto`` the search runs again with cheap
-tensors recomputed, against a smaller limit (``RECOMPUTE_MARGIN``: the simulator under-predicts
-recomputing plans), and the plan that copies fewer bytes is chosen. Each candidate is planned
-by the same :func:`~lmstrain.lms.plan.make_plan` the callback uses and simulated on the traced step
-(:func:`~lmstrain.lms.sim.simrewrite.with_plan`). When the step fits without swapping, nothing is
-swapped. When even the physical bound (weights, optimizer state, gradients and the largest
-single op) does not fit, no plan can help: :class:`~lmstrain.lms.settings.LMSParameterError`
-names the op.
+tensors recomputed, against a smaller limit (``RECOMPUTE_MARGIN``: the allocator's chunks of
+recomputing plans can exceed the predicted peak), and the plan that copies fewer bytes is
+chosen. Each candidate is planned by the same :func:`~lmstrain.lms.plan.make_plan` the callback
+uses and simulated on the traced step (:func:`~lmstrain.lms.sim.simrewrite.with_plan`). When
+the step fits without swapping, nothing is swapped. When even the physical bound (weights,
+optimizer state, gradients and the largest single op) does not fit, no plan can help:
+:class:`~lmstrain.lms.settings.LMSParameterError` names the op.
 """
 
 import dataclasses
@@ -54,9 +54,9 @@ class Choice:
 
 
 # With ``recompute: auto``, a recomputing plan must fit ``budget / (1 + RECOMPUTE_MARGIN)``:
-# the simulator under-predicts such plans (bench/results/simulator_accuracy.json: op outputs
-# down to -17% on held-out cases; bench/results/peers: at 112^3 the allocator's chunks came to
-# 1.36x the predicted peak, the requested bytes matching swapping alone).
+# bench/results/peers: at 112^3 the allocator's chunks came to 1.36x the peak the simulator
+# then predicted (it under-predicted recomputing plans' op outputs by up to 17%, since fixed:
+# bench/results/simulator_accuracy.json), the requested bytes matching swapping alone.
 RECOMPUTE_MARGIN = 0.4
 
 
