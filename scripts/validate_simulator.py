@@ -3,8 +3,9 @@
 Calibration cases use the demo network only (configs/demo.yaml: Isensee U-Net, base 8 filters,
 depth 4); the held-out cases use the paper's network (configs/brats2021_isensee.yaml: base 16,
 depth 5) at several sizes and batches, without and with swapping, and with swapping plus
-recomputation (``lms.recompute: cheap``). Each case is measured in
-``--repeats`` fresh subprocesses (lmstrain.planning.harness: BFC allocator, oneDNN, one
+recomputation (``lms.recompute: cheap``), and with swapping for the model options that change
+the plans (``model.norm: instance_lean``, with and without ``model.split_concat``). Each case
+is measured in ``--repeats`` fresh subprocesses (lmstrain.planning.harness: BFC allocator, oneDNN, one
 inter-op thread, compute /CPU:0, host /CPU:1, deepcopy swaps) and predicted in this process by
 lmstrain.planning.simulate.simulate_step with the CPU executor order. The kernel-scratch share of the
 allocator peak is refitted on the calibration cases and reported next to the value in use.
@@ -29,7 +30,9 @@ from lmstrain.planning.simulate import simulate_step
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "simulator_accuracy.json"
 DEMO, ISENSEE = "configs/demo.yaml", "configs/brats2021_isensee.yaml"
-# (config, size, batch, swap, calibration, lms.recompute)
+# (config, size, batch, swap, calibration, lms.recompute, model overrides)
+LEAN, SPLIT_LEAN = ("model.norm=instance_lean",), ("model.split_concat=true",
+                                                   "model.norm=instance_lean")
 CASES = [
     (DEMO, 32, 1, False, True), (DEMO, 32, 2, False, True), (DEMO, 48, 1, False, True),
     (DEMO, 48, 2, False, True), (DEMO, 64, 1, False, True), (DEMO, 64, 2, False, True),
@@ -42,8 +45,11 @@ CASES = [
     (ISENSEE, 128, 1, True, False),
     (DEMO, 64, 1, True, True, "cheap"), (ISENSEE, 64, 1, True, False, "cheap"),
     (ISENSEE, 96, 1, True, False, "cheap"), (ISENSEE, 64, 2, True, False, "cheap"),
+    (ISENSEE, 64, 1, True, False, "none", LEAN), (ISENSEE, 96, 1, True, False, "none", LEAN),
+    (ISENSEE, 64, 1, True, False, "none", SPLIT_LEAN),
+    (ISENSEE, 96, 1, True, False, "none", SPLIT_LEAN),
 ]
-CASES = [case + ("none",) * (6 - len(case)) for case in CASES]
+CASES = [case + ("none", ())[len(case) - 5:] for case in CASES]
 QUICK = [CASES[0], CASES[3], CASES[9], CASES[14]]
 TARGETS = {"op_output": 0.05, "allocator": 0.10}
 
@@ -73,12 +79,13 @@ MEASURES = {
 }
 
 
-def measure(config, size, batch, swap, recompute, repeat, folder):
+def measure(config, size, batch, swap, recompute, repeat, folder, overrides=()):
     """One measurement in a fresh subprocess (reused from ``folder`` when it is there)."""
     kind = ("swap" + ("" if recompute == "none" else f"-recompute-{recompute}")) if swap \
         else "noswap"
+    variant = "".join(f"-{o.split('.')[-1]}" for o in overrides)
     path = folder / f"{config.model.name}-{config.model.base_filters}-{config.model.depth}-" \
-                    f"{size}-b{batch}-{kind}-{repeat}.json" if folder else None
+                    f"{size}-b{batch}-{kind}{variant}-{repeat}.json" if folder else None
     if path and path.exists():
         return json.loads(path.read_text())
     # With swapping the plan swaps the batch too, so the batch must be the step's own buffer,
@@ -113,7 +120,7 @@ def measured(run, swap):
 
 
 def record(case, config, runs, prediction):
-    path, size, batch, swap, calibration, recompute = case
+    path, size, batch, swap, calibration, recompute, overrides = case
     op_pred, alloc_pred, estimate = prediction
     values = [measured(run, swap) for run in runs]
     op_meas = statistics.median(v[0] for v in values)
@@ -121,6 +128,7 @@ def record(case, config, runs, prediction):
     m = config.model
     return {
         "model": f"{m.name} base {m.base_filters} depth {m.depth} ({path})",
+        "overrides": list(overrides),
         "size": size, "shape": [size] * 3, "batch": batch, "swap": swap, "recompute": recompute,
         "calibration": calibration,
         "predicted_bytes": alloc_pred, "measured_bytes": alloc_meas,
@@ -170,6 +178,8 @@ def summarise(records):
             "max_abs_error_held_out": worst_all,
             "max_abs_error_held_out_recompute": worst(
                 [r for r in held_out if r["recompute"] != "none"]),
+            "max_abs_error_held_out_model_options": worst(
+                [r for r in held_out if r.get("overrides")]),
             "targets": TARGETS,
             "within_targets": {k: v is not None and v <= TARGETS[k]
                                for k, v in worst_all.items()}}
@@ -186,15 +196,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     records = []
     for case in QUICK if args.quick else CASES:
-        path, size, batch, swap, _, recompute = case
-        config = load_config(ROOT / path)
+        path, size, batch, swap, _, recompute, overrides = case
+        config = load_config(ROOT / path, overrides)
         started = time.time()
-        runs = [measure(config, size, batch, swap, recompute, repeat, args.runs)
+        runs = [measure(config, size, batch, swap, recompute, repeat, args.runs, overrides)
                 for repeat in range(args.repeats)]
         records.append(record(case, config, runs,
                               predict(config, size, batch, swap, recompute)))
         r = records[-1]
-        print(f"{path} {size}^3 b{batch} swap={swap} recompute={recompute}: op-output {r['op_output']['error']:+.1%}, "
+        print(f"{path} {' '.join(overrides)} {size}^3 b{batch} swap={swap} "
+              f"recompute={recompute}: op-output {r['op_output']['error']:+.1%}, "
               f"allocator {r['error']:+.1%} ({time.time() - started:.0f} s)", flush=True)
     fitted = fit_scratch_share(records)
     result = {
