@@ -24,8 +24,8 @@ from tqdm import tqdm
 from lmstrain.atomic import write_text
 from lmstrain.config import load_config
 from lmstrain.lms import SwapSettings
-from lmstrain.planning import harness
 from lmstrain.planning.simulate import simulate_step
+from lmstrain.planning.sweep import TrialSpec, run_trial_process
 
 ROOT = Path(__file__).resolve().parent.parent
 NORMS = ("instance", "instance_lean")
@@ -62,31 +62,32 @@ def config_of(split, norm):
 
 
 def trial(size, split, norm):
-    req = harness.request(config_of(split, norm).to_dict(), (size,) * 3, 1, swap={},
-                          budget_bytes=BUDGET, batches="fresh", timed_steps=2, profile=True)
-    result = harness.run_trial(req, timeout_s=3600)
-    if result["status"] != "ok":
+    """The swap-on trial `lmstrain maxres` runs (a :class:`~lmstrain.planning.sweep.Trial`)."""
+    result = run_trial_process(config_of(split, norm), TrialSpec((size,) * 3, 1, True, BUDGET),
+                               timeout_s=3600)
+    if not result.ok:
         raise SystemExit(f"{size}^3 split_concat={split} norm={norm}: trial ended "
-                         f"{result['status']}: {result['reason']}")
+                         f"{result.status}: {result.reason}")
     return result
 
 
 def row(case, runs):
     size, split, norm = case
-    peak = statistics.median(r["measured_peak_bytes"] for r in runs)
-    op_output = statistics.median(r["step_peak_bytes"] for r in runs)
-    chunks = statistics.median(r["step_peak_allocation_bytes"] for r in runs)
+    peak = statistics.median(r.measured_peak_bytes for r in runs)
+    op_output = statistics.median(r.extra["step_peak_bytes"] for r in runs)
+    chunks = statistics.median(r.extra["step_peak_allocation_bytes"] for r in runs)
     predicted = simulate_step(config_of(split, norm), (size,) * 3, 1, SwapSettings(),
                               executor="cpu").step_peak_bytes
     return {"size": size, "split_concat": split, "norm": norm,
-            "device_attributed_peak_bytes": [r["measured_peak_bytes"] for r in runs],
+            "device_attributed_peak_bytes": [r.measured_peak_bytes for r in runs],
             "device_attributed_peak_bytes_median": peak,
             "step_op_output_peak_bytes_median": op_output,
             "waste_share": (chunks - op_output) / peak,
-            "peak_at_op": [r["peak_at_op"].split("/", 1)[-1] for r in runs],
-            "live_swap_nodes": [f"{r['live_swap_nodes']}/{r['swap_nodes']}" for r in runs],
+            "peak_at_op": [r.extra["peak_at_op"].split("/", 1)[-1] for r in runs],
+            "live_swap_nodes": [f"{r.extra['live_swap_nodes']}/{r.extra['swap_nodes']}"
+                                for r in runs],
             "simulated_step_op_output_peak_bytes": predicted,
-            "source": runs[0]["source"]}
+            "source": runs[0].source}
 
 
 def markdown(rows):

@@ -32,9 +32,9 @@ from lmstrain.atomic import write_text
 from lmstrain.config import load_config
 from lmstrain.lms import SwapSettings
 from lmstrain.model.unet3d import divisor
-from lmstrain.planning import harness
 from lmstrain.planning.simulate import simulate_step
 from lmstrain.planning.sizing import scaled_shape
+from lmstrain.planning.sweep import TrialSpec, run_trial_process
 from lmstrain.planning.transfer import transfer_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,36 +58,35 @@ def main():
     with tqdm(total=args.repeats * len(MODES), desc="Trials", unit="trial") as bar:
         for _ in range(args.repeats):
             for mode in MODES:
-                req = harness.request(config.to_dict(), shape, 1, swap={"recompute": mode},
-                                      budget_bytes=BUDGET, batches="fresh", timed_steps=2,
-                                      profile=True)
-                result = harness.run_trial(req, timeout_s=3600)
-                if result["status"] != "ok":
-                    raise SystemExit(f"recompute={mode}: trial ended {result['status']}: "
-                                     f"{result['reason']}")
+                result = run_trial_process(config, TrialSpec(shape, 1, True, BUDGET),
+                                           timeout_s=3600, swap={"recompute": mode})
+                if not result.ok:
+                    raise SystemExit(f"recompute={mode}: trial ended {result.status}: "
+                                     f"{result.reason}")
                 trials[mode].append(result)
                 bar.update()
     rows = []
     for mode in MODES:
         runs = trials[mode]
+        extra = [r.extra for r in runs]
         flops = simulate_step(config, shape, 1, SwapSettings(recompute=mode),
                               executor="cpu").flops
         rows.append({
-            "recompute": mode, "copied_bytes": runs[0]["copied_bytes"],
-            "swapped_tensors": runs[0]["swapped_tensors"],
-            "recomputed_tensors": runs[0]["recomputed_tensors"],
-            "recompute_ops": runs[0]["recompute_ops"],
-            "live_recompute_ops": [r["live_recompute_ops"] for r in runs],
-            "live_swap_nodes": [f"{r['live_swap_nodes']}/{r['swap_nodes']}" for r in runs],
+            "recompute": mode, "copied_bytes": extra[0]["copied_bytes"],
+            "swapped_tensors": extra[0]["swapped_tensors"],
+            "recomputed_tensors": extra[0]["recomputed_tensors"],
+            "recompute_ops": extra[0]["recompute_ops"],
+            "live_recompute_ops": [e["live_recompute_ops"] for e in extra],
+            "live_swap_nodes": [f"{e['live_swap_nodes']}/{e['swap_nodes']}" for e in extra],
             "swap_ins_started_after_trigger": [
-                f"{r['swap_ins_started_after_trigger']}/{r['swap_ins_timed']}" for r in runs],
-            "device_attributed_peak_bytes": [r["measured_peak_bytes"] for r in runs],
+                f"{e['swap_ins_started_after_trigger']}/{e['swap_ins_timed']}" for e in extra],
+            "device_attributed_peak_bytes": [r.measured_peak_bytes for r in runs],
             "device_attributed_peak_bytes_median": statistics.median(
-                r["measured_peak_bytes"] for r in runs),
-            "step_op_output_peak_bytes": [r["step_peak_bytes"] for r in runs],
-            "step_time_s": [r["step_time_s"] for r in runs],
+                r.measured_peak_bytes for r in runs),
+            "step_op_output_peak_bytes": [e["step_peak_bytes"] for e in extra],
+            "step_time_s": [r.step_time_s for r in runs],
             "flops_counted": flops,
-            "source": runs[0]["source"]})
+            "source": runs[0].source})
     base, new = rows
     summary = {"copied_bytes_change": new["copied_bytes"] / base["copied_bytes"] - 1,
                "flops_change": new["flops_counted"] / base["flops_counted"] - 1,

@@ -158,22 +158,18 @@ def main():
         "capped at the budget and a trial fails with ResourceExhaustedError; with swapping the "
         "trial runs uncapped in deepcopy mode and fits when the compute device's share (state "
         "held between steps plus the profiler-replayed step peak) is within the budget.")
-    split = load("maxres-cpu-split/results.json")
-    if split:
-        lines += maxres_section(
-            "Measured on CPU, with `model.split_concat: true`", split,
-            "As above, in its own sweep (its own no-swap maximum): the same network with each "
-            "decoder concatenation's following convolution computed as the sum of two "
-            "convolutions (`--set model.split_concat=true`), so no concatenated tensor exists.")
-    lean = load("maxres-cpu-split-lean/results.json")
-    if lean:
-        lines += maxres_section(
-            "Measured on CPU, with `model.split_concat: true` and `model.norm: instance_lean`",
-            lean,
-            "As above, in its own sweep (its own no-swap maximum): the split form with each "
-            "instance normalisation's gradient computed in three full-size tensors instead of "
-            "four (`lmstrain.model.layers.InstanceNormalization`, the same layer "
-            "mathematically).")
+    lines += maxres_section(
+        "Measured on CPU, with `model.split_concat: true`", load("maxres-cpu-split/results.json"),
+        "As above, in its own sweep (its own no-swap maximum): the same network with each "
+        "decoder concatenation's following convolution computed as the sum of two "
+        "convolutions (`--set model.split_concat=true`), so no concatenated tensor exists.")
+    lines += maxres_section(
+        "Measured on CPU, with `model.split_concat: true` and `model.norm: instance_lean`",
+        load("maxres-cpu-split-lean/results.json"),
+        "As above, in its own sweep (its own no-swap maximum): the split form with each "
+        "instance normalisation's gradient computed in three full-size tensors instead of "
+        "four (`lmstrain.model.layers.InstanceNormalization`, the same layer "
+        "mathematically).")
     lines += maxres_section(
         "Simulated for BraTS-size training", load("maxres-sim/results.json"),
         "Simulated, not measured (`--mode simulate --executor gpu`, "
@@ -185,14 +181,12 @@ def main():
         "the swapped tensors need is reported. The element-count limit is a tensor over "
         "2^31-1 elements (cuDNN). TFLMS published 2.4x (talk) and 5.6x (2019 paper) on a "
         "3D U-Net.")
-    lean_sim = load("maxres-sim-split-lean/results.json")
-    if lean_sim:
-        lines += maxres_section(
-            "Simulated for BraTS-size training, with `model.split_concat: true` and "
-            "`model.norm: instance_lean`", lean_sim,
-            "As above (simulated, not measured; GPU executor order), in its own sweep with its "
-            "own no-swap maximum: configs/brats2021_isensee.yaml with "
-            "`--set model.split_concat=true --set model.norm=instance_lean`.")
+    lines += maxres_section(
+        "Simulated for BraTS-size training, with `model.split_concat: true` and "
+        "`model.norm: instance_lean`", load("maxres-sim-split-lean/results.json"),
+        "As above (simulated, not measured; GPU executor order), in its own sweep with its "
+        "own no-swap maximum: configs/brats2021_isensee.yaml with "
+        "`--set model.split_concat=true --set model.norm=instance_lean`.")
     overhead = load("overhead.json")
     if overhead:
         lines += ["## Swap overhead (`make bench-overhead`)", "", overhead["summary_markdown"], ""]

@@ -134,8 +134,8 @@ def _timeline(flow, late, cpu, swapped):
     """The replay of the emulated executor order; of a ``swapped`` step, the higher peak of two
     orders, the gradient ops' successors in creation order and in reverse: a swap plan's edges
     change the order of the graph Grappler optimises, which TensorFlow's executor follows (see
-    :mod:`lmstrain.lms.sim.schedule`). Steps without swapping run in creation order (held-out
-    cases within 3%; the reverse order would put the paper's network at 80^3 8% over)."""
+    :mod:`lmstrain.lms.sim.schedule`). Steps without swapping run in creation order, the one
+    their held-out cases validate (bench/results/simulator_accuracy.json)."""
     return max((liveness.replay(flow, schedule.executor_order(flow, late, cpu, reverse))
                 for reverse in ((False, True) if swapped else (False,))),
                key=lambda timeline: timeline.peak_bytes)
