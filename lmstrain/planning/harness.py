@@ -29,7 +29,8 @@ run in deepcopy mode, so each really copies. What the result holds:
   (:func:`lmstrain.lms.profile.profiled_peaks`: ``step_peak_bytes``,
   ``step_peak_with_scratch_bytes``, ``step_peak_allocation_bytes``, ...), and with swapping
   the checks of the plan (swap nodes live after Grappler, swap-ins started after their
-  trigger);
+  trigger); with ``op_order`` as well, ``op_order``: the measured step's op names in the order
+  they started (``scripts/compare_order.py`` compares it with the simulator's);
 - ``measured_peak_bytes`` and ``source`` / ``measure``: the trial's peak and how it was
   obtained (:data:`SOURCES`);
 - ``executed_convolutions``: convolution ops in the step's post-optimisation graph (so a
@@ -78,7 +79,8 @@ SOURCES = {
 
 def request(config: dict | None, shape, batch: int, *, swap: dict | None = None,
             budget_bytes: int | None = None, batches: str = "resident", timed_steps: int = 0,
-            profile: bool = True, application: dict | None = None, replicas: int = 1) -> dict:
+            profile: bool = True, application: dict | None = None, replicas: int = 1,
+            op_order: bool = False) -> dict:
     """A trial request (JSON-serialisable): ``config`` as a dict, ``swap`` None or a dict of
     :class:`~lmstrain.lms.SwapSettings` fields, ``budget_bytes`` the device memory the trial
     must fit (None: only measure). ``application`` instead of ``config`` names a
@@ -86,7 +88,8 @@ def request(config: dict | None, shape, batch: int, *, swap: dict | None = None,
     (``shape`` its input shape without the batch; ``kwargs["classes"]`` the label range).
     ``replicas`` > 1 trains under ``MirroredStrategy`` on that many logical CPUs (each with its
     own host when swapping), ``batch`` per replica; only the step time is meaningful then (all
-    logical CPUs share one allocator)."""
+    logical CPUs share one allocator). ``op_order`` adds the measured step's op order to the
+    result (with ``profile``)."""
     if batches not in BATCHES:
         raise ValueError(f"batches must be one of {BATCHES}; got {batches!r}")
     if (config is None) == (application is None):
@@ -96,6 +99,8 @@ def request(config: dict | None, shape, batch: int, *, swap: dict | None = None,
            "profile": profile}
     if replicas > 1:
         req["replicas"] = replicas
+    if op_order:
+        req["op_order"] = True
     return {**req, "application": application} if application is not None else req
 
 
@@ -166,6 +171,7 @@ def measure(req: dict) -> dict:
     from lmstrain.lms import LMS, record_graphs, split_cpu
     from lmstrain.lms.devices import has_gpu
     from lmstrain.lms.profile import StepProbe, profiled_peaks
+    from lmstrain.lms.profile.replay import load_xspace, op_runs
 
     if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true":
         raise RuntimeError("the trial needs TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow "
@@ -214,6 +220,8 @@ def measure(req: dict) -> dict:
             fresh = req["batches"] == "fresh"
             result.update(profiled_peaks(logdir, recorded.run_metadata, COMPUTE,
                                          batch_bytes if fresh else ()))
+            if req.get("op_order"):
+                result["op_order"] = [r.name for r in op_runs(load_xspace(logdir))]
         if lms is not None and lms.plans:
             result.update(_swap_checks(lms, recorded.run_metadata,
                                        logdir if req["profile"] else None))

@@ -83,9 +83,7 @@ def estimate(flow, executor="cpu", device_memory=None, weight_bytes=0, plan=None
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}; got {executor!r}")
-    late = ONEDNN_REWRITTEN if executor == "cpu" and onednn_enabled() else frozenset()
-    cpu = executor == "cpu"
-    timeline = _timeline(flow, late, cpu, swapped=bool(plan and plan.swapped))
+    timeline = emulated_timeline(flow, executor, swapped=bool(plan and plan.swapped))
     resident = sum(flow.resident.values())
     grappler_memory = GRAPPLER_CPU_MEMORY if executor == "cpu" else device_memory
     accumulated = []  # with a plan, the LMS callback has turned the memory optimizer off
@@ -96,7 +94,7 @@ def estimate(flow, executor="cpu", device_memory=None, weight_bytes=0, plan=None
                        if any(t in live for t in n.inputs)]
         if accumulated:
             flow = simrewrite.accumulate_addn(flow, set(accumulated))
-            timeline = _timeline(flow, late, cpu, swapped=False)
+            timeline = emulated_timeline(flow, executor, swapped=False)
     step = timeline.peak_bytes
     allocator, fits = allocator_peak(flow, timeline, executor, device_memory)
     scratch = round(step * KERNEL_SCRATCH_SHARE)
@@ -130,12 +128,15 @@ def estimate(flow, executor="cpu", device_memory=None, weight_bytes=0, plan=None
     )
 
 
-def _timeline(flow, late, cpu, swapped):
-    """The replay of the emulated executor order; of a ``swapped`` step, the higher peak of two
-    orders, the gradient ops' successors in creation order and in reverse: a swap plan's edges
-    change the order of the graph Grappler optimises, which TensorFlow's executor follows (see
-    :mod:`lmstrain.lms.sim.schedule`). Steps without swapping run in creation order, the one
-    their held-out cases validate (bench/results/simulator_accuracy.json)."""
+def emulated_timeline(flow, executor: str, swapped: bool) -> liveness.Timeline:
+    """The replay of ``flow`` in ``executor``'s emulated order; of a ``swapped`` step, the
+    higher peak of two orders, the gradient ops' successors in creation order and in reverse:
+    a swap plan's edges change the order of the graph Grappler optimises, which TensorFlow's
+    executor follows (see :mod:`lmstrain.lms.sim.schedule`). Steps without swapping run in
+    creation order, the one their held-out cases validate
+    (bench/results/simulator_accuracy.json)."""
+    late = ONEDNN_REWRITTEN if executor == "cpu" and onednn_enabled() else frozenset()
+    cpu = executor == "cpu"
     return max((liveness.replay(flow, schedule.executor_order(flow, late, cpu, reverse))
                 for reverse in ((False, True) if swapped else (False,))),
                key=lambda timeline: timeline.peak_bytes)

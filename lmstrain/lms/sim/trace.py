@@ -96,7 +96,7 @@ def estimate_trace(trace: Trace, executor: str, device_memory: int | None = None
                    settings: SwapSettings | None = None) -> MemoryEstimate:
     """The estimate of ``trace``; with ``settings``, of the trace with that swap plan added by
     :func:`~lmstrain.lms.sim.simrewrite.with_plan` (no retracing)."""
-    step, flow = _analysed(trace, executor)
+    step, flow = analysed(trace, executor)
     plan = trace.plan
     if settings is not None:
         plan = plan_swaps(step, settings, target(executor, trace.steps_per_execution),
@@ -114,7 +114,7 @@ def autotune_trace(trace: Trace, base: SwapSettings, device_memory: int,
     if not device_memory:
         raise LMSParameterError("auto-tune needs a device memory budget in bytes; got none.",
                                 key="device_memory")
-    step, flow = _analysed(trace, executor)
+    step, flow = analysed(trace, executor)
     choice = autotune.tune(step, flow, base, device_memory,
                            target(executor, trace.steps_per_execution), executor=executor,
                            weight_bytes=trace.weight_bytes)
@@ -167,7 +167,9 @@ def check_executor(executor: str) -> None:
                                 f"{executor!r}.", key="executor")
 
 
-def _analysed(trace, executor):
+def analysed(trace: Trace, executor: str):
+    """``(step, flow)``: the :class:`~lmstrain.lms.graph.StepGraph` of ``trace`` and its
+    :class:`~lmstrain.lms.sim.dataflow.Dataflow` for ``executor``."""
     step = analyse_step(trace.graph, trace.outputs, trace.batch,
                         target(executor, trace.steps_per_execution))
     flow = dataflow.build(step, COMPUTE, trace.variables, cpu_executor=executor == "cpu")

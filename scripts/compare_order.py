@@ -1,0 +1,98 @@
+"""Compare TensorFlow's measured op order in one swapped training step with the simulator's.
+
+Trains CONFIG at SIZE^3, batch 1, with swapping, through the trial harness (the setting
+``make bench-sim`` measures: deepcopy swaps between two logical CPUs, fresh batches, one
+inter-op thread), keeping the profiled step's op order, and emulates the same step with the
+simulator's CPU executor order. Prints, measured and emulated:
+
+- the step's op-output peak and the op running at it;
+- the step as runs of phases (F forward, B backward, U optimizer update and variable reads);
+- how many optimizer-update ops run before the last backward op;
+- the largest tensors on the device at each peak.
+
+    python scripts/compare_order.py configs/brats2021_isensee.yaml 64 \\
+        --set model.norm=instance_lean --set model.split_concat=true
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmstrain.config import load_config
+from lmstrain.lms import SwapSettings
+from lmstrain.lms.graph import BACKWARD
+from lmstrain.lms.sim.estimate import emulated_timeline
+from lmstrain.lms.sim.trace import analysed
+from lmstrain.planning import harness
+from lmstrain.planning.simulate import trace_step
+
+CALL = "StatefulPartitionedCall/"  # the step function's scope in the measured op names
+PHASES = {"forward": "F", "backward": "B"}  # anything else: U
+
+
+def phase_runs(names, phase, limit):
+    """``names`` as runs of phase letters (``F12 B3 U14 ...``), ops unknown to ``phase``
+    skipped; at most ``limit`` characters."""
+    runs = []
+    for name in names:
+        if name not in phase:
+            continue
+        letter = PHASES.get(phase[name], "U")
+        if runs and runs[-1][0] == letter:
+            runs[-1][1] += 1
+        else:
+            runs.append([letter, 1])
+    text = " ".join(f"{letter}{count}" for letter, count in runs)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def updates_before_last_backward(names, phase):
+    """(update ops before the last backward op, update ops)."""
+    known = [phase[n] for n in names if n in phase]
+    last = max((i for i, p in enumerate(known) if p == BACKWARD), default=-1)
+    updates = [i for i, p in enumerate(known) if p not in PHASES]
+    return sum(i < last for i in updates), len(updates)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("size", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. model.norm=instance_lean (repeatable)")
+    parser.add_argument("--recompute", default="none", choices=("none", "cheap", "auto"))
+    parser.add_argument("--width", type=int, default=1500, help="characters of phase runs")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    shape = (args.size,) * 3
+    settings = SwapSettings(recompute=args.recompute)
+
+    trace = trace_step(config, shape, 1, settings, "cpu")
+    _, flow = analysed(trace, "cpu")
+    timeline = emulated_timeline(flow, "cpu", swapped=True)
+    phase = {node.name: node.phase for node in flow.nodes}
+
+    run = harness.run_trial(harness.request(config.to_dict(), shape, 1,
+                                            swap={"recompute": args.recompute},
+                                            batches="fresh", op_order=True))
+    if run["status"] != "ok":
+        sys.exit(f"the trial did not finish: {run['status']}: {run.get('reason', '')}")
+    measured = [name.removeprefix(CALL) for name in run["op_order"]]
+
+    rows = (("measured", measured, run["step_peak_bytes"], run["peak_at_op"].removeprefix(CALL)),
+            ("emulated", timeline.order, timeline.peak_bytes, timeline.peak_node))
+    for label, names, peak, op in rows:
+        before, updates = updates_before_last_backward(names, phase)
+        print(f"{label}: step op-output peak {peak / 2**20:.1f} MiB at {op}; "
+              f"{before} of {updates} update ops before the last backward op")
+        print(f"  {phase_runs(names, phase, args.width)}")
+    print("largest buffers on the device at the measured peak (outputs and scratch):")
+    for buffer in run["live_at_peak"]:
+        print(f"  {buffer['bytes'] / 2**20:8.1f} MiB  {buffer['op'].removeprefix(CALL)}")
+    print("largest tensors on the device at the emulated peak:")
+    for tensor in timeline.live[:8]:
+        print(f"  {tensor.bytes / 2**20:8.1f} MiB  {tensor.tensor}")
+
+
+if __name__ == "__main__":
+    main()
