@@ -15,6 +15,7 @@ simulator's CPU executor order. Prints, measured and emulated:
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -26,8 +27,15 @@ from lmstrain.lms.sim.trace import analysed
 from lmstrain.planning import harness
 from lmstrain.planning.simulate import trace_step
 
-CALL = "StatefulPartitionedCall/"  # the step function's scope in the measured op names
 PHASES = {"forward": "F", "backward": "B"}  # anything else: U
+CALL = "StatefulPartitionedCall/"  # the step function's scope in executed op names
+TRACE = re.compile(r"/lms/t\d+_")  # a swap scope's trace number (lmstrain.lms.rewrite.swap_scope)
+
+
+def comparable(name):
+    """``name`` without the step function's scope and its swap scope's trace number (the
+    simulator plans trace 1; the callback numbers the traces Keras makes)."""
+    return TRACE.sub("/lms/t_", name.removeprefix(CALL))
 
 
 def phase_runs(names, phase, limit):
@@ -70,17 +78,18 @@ def main(argv=None):
     trace = trace_step(config, shape, 1, settings, "cpu")
     _, flow = analysed(trace, "cpu")
     timeline = emulated_timeline(flow, "cpu", swapped=True)
-    phase = {node.name: node.phase for node in flow.nodes}
+    phase = {comparable(node.name): node.phase for node in flow.nodes}
 
     run = harness.run_trial(harness.request(config.to_dict(), shape, 1,
                                             swap={"recompute": args.recompute},
                                             batches="fresh", op_order=True))
     if run["status"] != "ok":
         sys.exit(f"the trial did not finish: {run['status']}: {run.get('reason', '')}")
-    measured = [name.removeprefix(CALL) for name in run["op_order"]]
+    measured = [comparable(name) for name in run["op_order"]]
+    emulated = [comparable(name) for name in timeline.order]
 
-    rows = (("measured", measured, run["step_peak_bytes"], run["peak_at_op"].removeprefix(CALL)),
-            ("emulated", timeline.order, timeline.peak_bytes, timeline.peak_node))
+    rows = (("measured", measured, run["step_peak_bytes"], comparable(run["peak_at_op"])),
+            ("emulated", emulated, timeline.peak_bytes, comparable(timeline.peak_node)))
     for label, names, peak, op in rows:
         before, updates = updates_before_last_backward(names, phase)
         print(f"{label}: step op-output peak {peak / 2**20:.1f} MiB at {op}; "
@@ -88,10 +97,10 @@ def main(argv=None):
         print(f"  {phase_runs(names, phase, args.width)}")
     print("largest buffers on the device at the measured peak (outputs and scratch):")
     for buffer in run["live_at_peak"]:
-        print(f"  {buffer['bytes'] / 2**20:8.1f} MiB  {buffer['op'].removeprefix(CALL)}")
+        print(f"  {buffer['bytes'] / 2**20:8.1f} MiB  {comparable(buffer['op'])}")
     print("largest tensors on the device at the emulated peak:")
     for tensor in timeline.live[:8]:
-        print(f"  {tensor.bytes / 2**20:8.1f} MiB  {tensor.tensor}")
+        print(f"  {tensor.bytes / 2**20:8.1f} MiB  {comparable(tensor.tensor)}")
 
 
 if __name__ == "__main__":
