@@ -70,7 +70,7 @@ def test_a_budget_below_the_bound_is_refused(tiny, plain):
 def test_the_callback_refuses_an_impossible_budget_while_tracing():
     model = isensee2017((16, 16, 16), base_filters=4, depth=3)
     model.compile("adam", "mse")
-    lms = LMS(host_device="/CPU:1", autotune=True, device_memory=2**19)
+    lms = LMS(host_device="/CPU:1", autotune=True, device_memory=2**20)
     with pytest.raises(LMSParameterError, match="on its own"):
         model.fit(np.ones((2, 16, 16, 16, 4)), np.ones((2, 16, 16, 16, 3)), verbose=0,
                   callbacks=[lms])

@@ -196,12 +196,6 @@ class LMS(keras.callbacks.Callback):
         self._restore.enter_context(_tf.without_memory_optimizer())
         if not self._wrapped():  # still wrapped if a previous fit raised
             model.train_step = self._wrap(model.train_step)
-        if model.built and not model.optimizer.built:
-            # Else the first trace builds the optimizer's variables and TensorFlow traces the
-            # step again without them: each plan (and auto-tune) would be made twice, the
-            # first for a graph that never runs.
-            with model.distribute_strategy.scope():
-                model.optimizer.build(model.trainable_variables)
         model.make_train_function(force=True)
         if self.verify:
             _tf.start_graph_collection()
