@@ -171,7 +171,6 @@ def measure(req: dict) -> dict:
     from lmstrain.lms import LMS, record_graphs, split_cpu
     from lmstrain.lms.devices import has_gpu
     from lmstrain.lms.profile import StepProbe, profiled_peaks
-    from lmstrain.lms.profile.replay import load_xspace, op_runs
 
     if os.environ.get("TF_CPU_ALLOCATOR_USE_BFC") != "true":
         raise RuntimeError("the trial needs TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow "
@@ -219,9 +218,8 @@ def measure(req: dict) -> dict:
         if req["profile"]:
             fresh = req["batches"] == "fresh"
             result.update(profiled_peaks(logdir, recorded.run_metadata, COMPUTE,
-                                         batch_bytes if fresh else ()))
-            if req.get("op_order"):
-                result["op_order"] = [r.name for r in op_runs(load_xspace(logdir))]
+                                         batch_bytes if fresh else (),
+                                         op_order=req.get("op_order", False)))
         if lms is not None and lms.plans:
             result.update(_swap_checks(lms, recorded.run_metadata,
                                        logdir if req["profile"] else None))

@@ -24,13 +24,14 @@ from lmstrain.lms.profile import replay
 
 
 def profiled_peaks(logdir: str, run_metadata, compute_device: str,
-                   input_bytes=()) -> dict:
+                   input_bytes=(), op_order: bool = False) -> dict:
     """Device-attributed peaks from a profiler trace in ``logdir`` (see the module docstring).
 
     Op placement comes from the executed partition graphs in ``run_metadata``; the buffers of
     ops on other devices (swap-outs to the host, the input pipeline) are not counted. The
     batch's buffers (``input_bytes``: the bytes of each batch tensor) count as outputs of
-    ``IteratorGetNext`` when tf.data built them during the step (``fresh_batches``).
+    ``IteratorGetNext`` when tf.data built them during the step (``fresh_batches``). With
+    ``op_order``, ``op_order`` lists the step's op names in the order they started.
     """
     placement = replay.op_devices(run_metadata)
 
@@ -50,7 +51,7 @@ def profiled_peaks(logdir: str, run_metadata, compute_device: str,
     outputs = replay.device_peak([b for b in buffers if b.region == "output" or b.op in sums],
                                   on_compute)
     uncounted = [b for b in buffers if not on_compute(b.op)]
-    return {
+    peaks = {
         "step_peak_bytes": outputs.peak_bytes,
         "step_peak_with_scratch_bytes": every.peak_bytes,
         "step_peak_allocation_bytes": every.peak_allocation_bytes,
@@ -68,6 +69,9 @@ def profiled_peaks(logdir: str, run_metadata, compute_device: str,
                           for b in inputs if on_compute(b.op)],
         "step_ps": last - first,
     }
+    if op_order:
+        peaks["op_order"] = [r.name for r in runs]
+    return peaks
 
 
 def op_at(runs, time_ps):
