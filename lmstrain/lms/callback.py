@@ -61,7 +61,8 @@ class LMS(keras.callbacks.Callback):
             When it is the host device, the callback says so and leaves the graph alone.
             Under a strategy each replica computes on its own device, and this must be None.
         autotune: choose ``swapout_threshold``, ``swapin_ahead`` and ``swapin_groupby`` for
-            each traced step with the memory simulator: the least swapping that fits
+            each traced step that runs with the memory simulator (not the first trace, which
+            creates the optimizer's variables and is discarded): the least swapping that fits
             ``device_memory``, then the earliest prefetch that still fits
             (:mod:`lmstrain.lms.sim.autotune`); the other settings are kept. Raises
             :class:`LMSParameterError` when even the physical bound does not fit.
@@ -91,7 +92,7 @@ class LMS(keras.callbacks.Callback):
     After training, ``plans`` holds one :class:`~lmstrain.lms.plan.SwapPlan` per traced
     function and replica, ``checks`` the :class:`~lmstrain.lms.verify.SwapCheck` of each
     (verify=True) and ``choices`` the :class:`~lmstrain.lms.sim.autotune.Choice` of each
-    (autotune=True).
+    auto-tuned trace (autotune=True).
     """
 
     def __init__(self, settings: SwapSettings | None = None, *, host_device: str | None = None,
@@ -204,23 +205,33 @@ class LMS(keras.callbacks.Callback):
     def _wrap(self, train_step):
         @functools.wraps(train_step)
         def lms_train_step(data):
-            outputs = train_step(data)
+            created = []
+            with tf.variable_creator_scope(functools.partial(_record_creation, created)):
+                outputs = train_step(data)
             if tf.inside_function():
-                self._rewrite(tf.compat.v1.get_default_graph(), data, outputs)
+                self._rewrite(tf.compat.v1.get_default_graph(), data, outputs,
+                              creates_variables=bool(created))
             return outputs
 
         lms_train_step.lms_callback = self
         return lms_train_step
 
-    def _rewrite(self, graph, data, outputs):
+    def _rewrite(self, graph, data, outputs, creates_variables):
+        """Rewrite the traced step. A trace that creates variables (the optimizer's, on the
+        first call) is one ``tf.function`` discards: it lifts the variables out and traces the
+        step again. That trace gets the settings as given; auto-tune waits for the next."""
         batch_size, source = self._batch_size(data)
         returned = [t for t in tf.nest.flatten(outputs) if isinstance(t, tf.Tensor)]
         replica, compute, host = self._tracing_replica()
         steps = getattr(self.model, "steps_per_execution", 1) or 1
         target = SwapTarget(compute, host, self.copy_mode,
                             owns_batch(devices.is_gpu(compute), steps), replica)
+        tune = self.autotune and not creates_variables
+        if self.autotune and creates_variables:
+            log.info("LMS: %s: this trace creates variables, and TensorFlow traces the step "
+                     "again without them; auto-tune waits for that trace.", graph.name)
         plan = rewrite_step(graph, returned, batch_size, target,
-                            self._tune if self.autotune else self.settings,
+                            self._tune if tune else self.settings,
                             function=graph.name, trace=len(self.plans) + 1,
                             batch_size_source=source)
         self.plans.append(plan)
@@ -329,6 +340,12 @@ def _replica_report(index, compute, host, plans, distributed):
             "traces": [p.trace for p in own],
             "swapped_tensors": len(last.swapped) if last else 0,
             "swapped_bytes": last.swapped_bytes if last else 0}
+
+
+def _record_creation(created: list, next_creator, **kwargs):
+    """A ``tf.variable_creator_scope`` creator that notes each variable created."""
+    created.append(kwargs.get("name"))
+    return next_creator(**kwargs)
 
 
 def _check_replicas(replicas, compute_device):
