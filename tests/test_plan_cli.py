@@ -95,12 +95,17 @@ def test_the_text_says_when_host_memory_is_not_a_limit():
     assert "host memory not limited (pass --host-memory)" in plan_lines(report)[0]
 
 
-def test_limited_by_names_the_size_range_when_every_size_fits(config_file, monkeypatch):
+def test_limited_by_names_the_size_range_when_every_size_fits_and_progress_hears_each_step(config_file, monkeypatch):
     from lmstrain.config import load_config
     from lmstrain.planning import sizing
 
     config = load_config(config_file)
     monkeypatch.setattr(sizing, "candidate_shapes", lambda base, div: [(16, 16, 8), (32, 32, 16)])
-    limit = sizing.max_size(config, 1, 2**30, False, executor="cpu", host_memory=None)
+    said = []
+    limit = sizing.max_size(config, 1, 2**30, False, executor="cpu", host_memory=None,
+                            progress=said.append)
     assert limit.shape == (32, 32, 16)
     assert limit.limited_by == sizing.SIZE_RANGE and limit.next_shape is None
+    # The progress bar of `plan` hears of every step of the search, before it runs.
+    assert said[0] == "two small sizes without swapping, to extrapolate from"
+    assert said[-1] == "32x32x16 without swapping"

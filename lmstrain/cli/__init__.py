@@ -438,10 +438,19 @@ def plan(config, size, batch, device_memory, host_memory, executor, as_json):
       lmstrain plan configs/brats2021_isensee.yaml --device-memory 16GiB
       lmstrain plan configs/demo.yaml --size 96 --batch 1 --device-memory 1GiB --json
     """
+    from tqdm import tqdm
+
     from lmstrain.cli.tables import plan_lines
     from lmstrain.planning.capacity import capacity
 
-    report = capacity(config, size, batch, device_memory, host_memory, executor)
+    with tqdm(desc="Simulating", unit="step", leave=False,
+              disable=True if as_json else None) as bar:
+
+        def progress(what):
+            bar.set_postfix_str(what)
+            bar.update()
+
+        report = capacity(config, size, batch, device_memory, host_memory, executor, progress)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -7,6 +7,8 @@ and with (auto-tuned) swapping, what stops growth, and the first size where a te
 2^31-1 elements. :func:`format_capacity` turns it into the text ``lmstrain plan`` prints.
 """
 
+from collections.abc import Callable
+
 from lmstrain.config import Config
 from lmstrain.errors import UserError
 from lmstrain.lms.sim.estimate import ELEMENT_LIMIT
@@ -18,13 +20,15 @@ from lmstrain.planning.sizing import (MAX_EDGE, candidate_shapes, default_host_m
 
 def capacity(config: Config, size: int | None = None, batch: int | None = None,
              device_memory: int | None = None, host_memory: int | None = None,
-             executor: str | None = None) -> dict:
+             executor: str | None = None,
+             progress: Callable[[str], None] | None = None) -> dict:
     """The ``lmstrain plan`` report as a JSON-serialisable dict (see the module docstring).
 
     ``size`` scales ``config.data.shape`` so its largest edge is ``size``; ``batch`` defaults
     to ``train.batch_size``; ``device_memory`` to ``lms.device_memory`` (or the GPU's);
     ``host_memory`` to :func:`~lmstrain.planning.sizing.default_host_memory` (None: not a limit,
-    only reported). Raises :class:`UserError` for a size beyond
+    only reported). ``progress(what)`` is called before each simulated step.
+    Raises :class:`UserError` for a size beyond
     :data:`~lmstrain.planning.sizing.MAX_EDGE` or a step beyond what the simulator replays.
     """
     if size and size > MAX_EDGE:
@@ -35,7 +39,11 @@ def capacity(config: Config, size: int | None = None, batch: int | None = None,
     budget = default_budget(config, device_memory)
     executor = executor or default_executor()
     host = host_memory or default_host_memory(executor)
+    progress = progress or (lambda what: None)
+    step = "x".join(map(str, shape))
+    progress(f"{step} without swapping")
     without = simulate_step(config, shape, batch, executor=executor, device_memory=budget)
+    progress(f"{step} with swapping")
     swapped = simulate_step(config, shape, batch, plan=True, executor=executor,
                             device_memory=budget)
     report = {
@@ -58,19 +66,21 @@ def capacity(config: Config, size: int | None = None, batch: int | None = None,
         "element_limit_size": _element_limit_size(config, without, shape),
         "flops_per_step": without.flops,
     }
-    report.update(_limits(config, batch, budget, host, executor))
+    report.update(_limits(config, batch, budget, host, executor, progress))
     return report
 
 
-def _limits(config, batch, budget, host, executor):
+def _limits(config, batch, budget, host, executor, progress):
     keys = {f"{k}_{s}_swap": None for k in ("max_size", "max_shape", "max_voxels")
             for s in ("without", "with")}
     keys.update(voxel_ratio=None, limited_by=None, limited_by_without_swap=None,
                 max_size_swap_settings=None, max_size_host_bytes=None)
     if not budget:
         return keys
-    off = max_size(config, batch, budget, False, executor=executor, host_memory=host)
-    on = max_size(config, batch, budget, True, executor=executor, host_memory=host)
+    off = max_size(config, batch, budget, False, executor=executor, host_memory=host,
+                   progress=progress)
+    on = max_size(config, batch, budget, True, executor=executor, host_memory=host,
+                  progress=progress)
     for limit, suffix in ((off, "without"), (on, "with")):
         keys[f"max_size_{suffix}_swap"] = limit.size
         keys[f"max_shape_{suffix}_swap"] = list(limit.shape) if limit.shape else None

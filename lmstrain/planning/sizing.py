@@ -16,6 +16,7 @@ network's divisor.
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from lmstrain.config import Config, swap_settings
@@ -78,12 +79,14 @@ def voxels(shape):
 
 
 def max_size(config: Config, batch: int, device_memory: int, swap: bool, *,
-             executor: str | None = None, host_memory: int | None = None) -> SizeLimit:
+             executor: str | None = None, host_memory: int | None = None,
+             progress: Callable[[str], None] | None = None) -> SizeLimit:
     """The largest size of ``config.data.shape``'s aspect that trains within ``device_memory``.
 
     ``swap``: False (no swapping) or True (swapping, settings auto-tuned from ``config.lms``
     at each size). ``host_memory``: bytes available for swapped tensors; None =
-    :func:`default_host_memory` (which may be None: no limit). Returns a :class:`SizeLimit`.
+    :func:`default_host_memory` (which may be None: no limit). ``progress(what)`` is called
+    before each step of the search. Returns a :class:`SizeLimit`.
     """
     if not device_memory or device_memory <= 0:
         raise UserError(f"max_size needs a positive device memory budget in bytes; got "
@@ -91,10 +94,14 @@ def max_size(config: Config, batch: int, device_memory: int, swap: bool, *,
     executor = executor or default_executor()
     host_memory = host_memory or default_host_memory(executor)
     shapes = candidate_shapes(config.data.shape, divisor(config.model.depth))
+    progress = progress or (lambda what: None)
+    way = "with swapping" if swap else "without swapping"
 
     def check(shape):
+        progress(f"{'x'.join(map(str, shape))} {way}")
         return check_size(config, shape, batch, device_memory, swap, executor, host_memory)
 
+    progress(f"two small sizes {way}, to extrapolate from")
     start, guess = _extrapolated_start(config, batch, device_memory, swap, executor,
                                        host_memory, shapes)
     index = start
