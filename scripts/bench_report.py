@@ -113,7 +113,7 @@ def study_section():
               "segmentation taken to the size's grid and back, as training labels and "
               "predictions are (the same cases, no network): what a network reproducing its "
               "thresholded training labels would score; a network's soft predictions can "
-              "score more. Swap decisions: {why}. `dice.png` and `epoch_time.png` in "
+              f"score more. Swap decisions: {why}. `dice.png` and `epoch_time.png` in "
               "`results/study/`.", ""]
     return lines
 
