@@ -189,3 +189,10 @@ def test_the_maxres_plot_draws_bars_when_one_budget_was_swept(tmp_path, monkeypa
     report.plot_maxres(rows + [{**r, "device_memory_bytes": 2**29} for r in rows],
                        tmp_path / "max_voxels.png")
     assert not figures[1].axes[0].patches and len(figures[1].axes[0].lines) == 2
+
+
+def test_the_benchmark_report_says_why_each_study_size_swapped_or_not():
+    text = "\n".join(load_script("bench_report").study_section())
+    study = json.loads((ROOT / "bench" / "results" / "study" / "study.json").read_text())
+    for size in study["sizes"]:
+        assert f"{size['size']}: {size['decision']['why']}" in text
