@@ -7,7 +7,8 @@ simulator's CPU executor order. Prints, measured and emulated:
 
 - the step's op-output peak and the op running at it;
 - the step as runs of phases (F forward, B backward, U optimizer update and variable reads);
-- how many optimizer-update ops run before the last backward op;
+- how many optimizer-update ops run before the last backward op, and how many convolution
+  weight gradients their updates have not yet read at the peak;
 - the largest tensors on the device at each peak.
 
     python scripts/compare_order.py configs/brats2021_isensee.yaml 64 \\
@@ -62,6 +63,26 @@ def updates_before_last_backward(names, phase):
     return sum(i < last for i in updates), len(updates)
 
 
+def held_weight_gradients(names, flow, at):
+    """(count, bytes) of the kernels' weight gradients (``Conv3DBackpropFilterV2`` outputs) that
+    started before position ``at`` of ``names`` and still have a reader that has not: what
+    the optimizer updates have not yet consumed there."""
+    position = {name: i for i, name in reversed(list(enumerate(names)))}
+    readers = {}
+    for node in flow.nodes:
+        for tensor in node.inputs:
+            readers.setdefault(tensor.rsplit(":", 1)[0], []).append(comparable(node.name))
+    count = held = 0
+    for node in flow.nodes:
+        name = comparable(node.name)
+        if node.type != "Conv3DBackpropFilterV2" or position.get(name, at) >= at:
+            continue
+        if any(position.get(r, len(names)) > at for r in readers.get(node.name, [])):
+            count += 1
+            held += sum(output.bytes for output in node.outputs)
+    return count, held
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -92,8 +113,12 @@ def main(argv=None):
             ("emulated", emulated, timeline.peak_bytes, comparable(timeline.peak_node)))
     for label, names, peak, op in rows:
         before, updates = updates_before_last_backward(names, phase)
+        count, held = held_weight_gradients(names, flow, names.index(op) if op in names
+                                            else len(names))
         print(f"{label}: step op-output peak {peak / 2**20:.1f} MiB at {op}; "
-              f"{before} of {updates} update ops before the last backward op")
+              f"{before} of {updates} update ops before the last backward op; "
+              f"{count} weight gradients ({held / 2**20:.1f} MiB) not yet read by their "
+              f"updates at the peak")
         print(f"  {phase_runs(names, phase, args.width)}")
     print("largest buffers on the device at the measured peak (outputs and scratch):")
     for buffer in run["live_at_peak"]:
