@@ -95,7 +95,8 @@ def test_the_text_says_when_host_memory_is_not_a_limit():
     assert "host memory not limited (pass --host-memory)" in plan_lines(report)[0]
 
 
-def test_limited_by_names_the_size_range_when_every_size_fits_and_progress_hears_each_step(config_file, monkeypatch):
+def test_size_range_limits_when_every_size_fits_and_progress_hears_each_step(config_file,
+                                                                             monkeypatch):
     from lmstrain.config import load_config
     from lmstrain.planning import sizing
 
