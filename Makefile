@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim bench-maxres \
-        bench-overhead bench-distribute bench-recompute bench-lean-norm bench-peers bench-study bench-report bench-all
+        bench-overhead bench-distribute bench-recompute bench-lean-norm bench-update-order bench-peers bench-study bench-report \
+        bench-all
 
 install: $(STAMP)
 
@@ -69,6 +70,9 @@ bench-recompute: install
 bench-lean-norm: install
 	$(BIN)/python scripts/bench_lean_norm.py --out bench/results/lean_norm.json
 
+bench-update-order: install
+	$(BIN)/python scripts/bench_update_order.py --out bench/results/update_order.json
+
 # Resumes: delete bench/results/peers to measure again from scratch.
 bench-peers: install
 	$(BIN)/python scripts/bench_peers.py --out bench/results/peers
@@ -87,7 +91,7 @@ bench-report: install
 	$(BIN)/python scripts/bench_report.py
 
 bench-all: bench-pipeline bench-lms bench-sim bench-maxres bench-overhead bench-distribute \
-           bench-recompute bench-lean-norm bench-peers bench-study
+           bench-recompute bench-lean-norm bench-update-order bench-peers bench-study
 	$(MAKE) bench-report
 
 clean-demo:

@@ -22,8 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmstrain.atomic import write_text
-from lmstrain.config import load_config
-from lmstrain.lms import SwapSettings
+from lmstrain.config import load_config, swap_settings
 from lmstrain.planning.simulate import simulate_step
 from lmstrain.planning.sweep import TrialSpec, run_trial_process
 
@@ -63,23 +62,33 @@ def config_of(split, norm):
 
 def trial(size, split, norm):
     """The swap-on trial `lmstrain maxres` runs (a :class:`~lmstrain.planning.sweep.Trial`)."""
-    result = run_trial_process(config_of(split, norm), TrialSpec((size,) * 3, 1, True, BUDGET),
-                               timeout_s=3600)
+    return swapped_trial(config_of(split, norm), size,
+                         f"{size}^3 split_concat={split} norm={norm}")
+
+
+def swapped_trial(config, size, label):
+    """The swap-on trial `lmstrain maxres` runs at ``size``^3, batch 1, far under budget."""
+    result = run_trial_process(config, TrialSpec((size,) * 3, 1, True, BUDGET), timeout_s=3600)
     if not result.ok:
-        raise SystemExit(f"{size}^3 split_concat={split} norm={norm}: trial ended "
-                         f"{result.status}: {result.reason}")
+        raise SystemExit(f"{label}: trial ended {result.status}: {result.reason}")
     return result
 
 
 def row(case, runs):
     size, split, norm = case
+    return {"size": size, "split_concat": split, "norm": norm,
+            **measured(runs, config_of(split, norm), size)}
+
+
+def measured(runs, config, size):
+    """The median peaks of ``runs`` (swapped trials of ``config`` at ``size``^3), their
+    allocator waste share and the simulator's op-output peak of the same step."""
     peak = statistics.median(r.measured_peak_bytes for r in runs)
     op_output = statistics.median(r.extra["step_peak_bytes"] for r in runs)
     chunks = statistics.median(r.extra["step_peak_allocation_bytes"] for r in runs)
-    predicted = simulate_step(config_of(split, norm), (size,) * 3, 1, SwapSettings(),
+    predicted = simulate_step(config, (size,) * 3, 1, swap_settings(config),
                               executor="cpu").step_peak_bytes
-    return {"size": size, "split_concat": split, "norm": norm,
-            "device_attributed_peak_bytes": [r.measured_peak_bytes for r in runs],
+    return {"device_attributed_peak_bytes": [r.measured_peak_bytes for r in runs],
             "device_attributed_peak_bytes_median": peak,
             "step_op_output_peak_bytes_median": op_output,
             "waste_share": (chunks - op_output) / peak,

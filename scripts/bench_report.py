@@ -194,6 +194,9 @@ def main():
                               "Recomputing instead of copying (`make bench-recompute`)")
     lines += measured_section("lean_norm.json",
                               "Instance normalisation's leaner gradient (`make bench-lean-norm`)")
+    lines += measured_section("update_order.json",
+                              "Each weight's update as soon as its gradient is there "
+                              "(`make bench-update-order`)")
     peers = load("peers/results.json")
     if peers:
         lines += ["## Swapping and its peers (`make bench-peers`)", "",

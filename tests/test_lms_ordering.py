@@ -1,5 +1,6 @@
 """The planner's ordering rules on the demo network's traced step: small readers of a large
-tensor run first, and swap-outs are waited for where the pass would otherwise go on."""
+tensor run first, swap-outs are waited for where the pass would otherwise go on, and each
+weight is updated as soon as the backward pass is done with it."""
 
 import pytest
 
@@ -52,3 +53,32 @@ def test_long_lived_gradients_are_on_the_host_before_their_near_readers_run(trac
             assert swapped.swap_out in [c.name for c in graph.get_operation_by_name(name)
                                         .control_inputs]
 
+
+
+def test_each_weight_is_updated_between_its_backward_read_and_the_ops_after_it(trace):
+    # Without these edges TensorFlow's CPU executor leaves the optimizer's updates on its
+    # thread pool's stack until the backward pass ends, holding every weight's gradient.
+    graph = trace.graph
+    handle = graph.get_operation_by_name(NET + "dec0_loc2_conv_1/convolution/ReadVariableOp")
+    write = next(c for c in handle.inputs[0].consumers() if c.type == "AssignSubVariableOp")
+    input_gradient = GRAD + "dec0_loc2_conv_1/convolution/Conv3DBackpropInputV2"
+    after = GRAD + "dec0_loc1_act_1/LeakyRelu/LeakyReluGrad"
+    assert [input_gradient, write.name] in trace.plan.updates_first
+    assert [write.name, after] in trace.plan.updates_first
+    assert waits(trace, write.name, input_gradient)  # so the kernel is written in place
+    assert waits(trace, after, write.name)
+    # The optimizer reads each gradient itself, not the IdentityN that gathers them all.
+    assert trace.plan.bypassed == ["adam/IdentityN"]
+    gradient = graph.get_tensor_by_name(
+        GRAD + "dec0_loc2_conv_1/convolution/Conv3DBackpropFilterV2:0")
+    assert {c.type for c in gradient.consumers()} >= {"Sub", "Square"}
+
+
+def test_update_order_tensorflow_leaves_the_updates_where_they_were():
+    trace = trace_step(load_config("configs/demo.yaml"), (16, 16, 16), 1,
+                       SwapSettings(update_order="tensorflow"))
+    assert trace.plan.swapped
+    assert not trace.plan.updates_first and not trace.plan.bypassed
+    assert not any(c.type == "AssignSubVariableOp"
+                   for op in trace.graph.get_operations() for c in op.control_inputs
+                   if op.name.startswith(GRAD))

@@ -7,7 +7,7 @@ are grouped (``swapin_groupby`` levels) and each group gets one swap-in, trigger
 op ``swapin_ahead`` levels before the group's first consumer. In ``swapout`` sync mode the
 weight reads the forward pass needs next wait for the swap-out, so the original is freed early.
 
-Six additions to TFLMS's rules cut the peak of U-Nets:
+Seven additions to TFLMS's rules cut the peak of U-Nets:
 
 - the step's inputs (the batch) are swapped like activations: the first layer's filter
   gradient reads the image at the very end of the backward pass, so without a swap the batch
@@ -32,6 +32,15 @@ Six additions to TFLMS's rules cut the peak of U-Nets:
   executor runs such a reader when the tensor's chain is long done, holding the whole tensor
   meanwhile (the gradient of the decoder's top concatenation, for most of the backward pass).
 
+- each weight's optimizer update runs as soon as its gradient is there: the update's write
+  waits for the backward ops that read the weight (so the variable is written in place, not
+  copied) and their consumers wait for the write. Keras gathers every gradient in one
+  ``IdentityN`` before the optimizer (the default strategy's all-reduce: an identity, which
+  Grappler removes); the plan reads through it. Without this, TensorFlow's CPU executor
+  leaves the updates on its thread pool's stack until the backward pass stalls or ends,
+  holding the weight gradients and the updates' temporaries meanwhile: the swapped step's
+  peak was then at the end of the backward pass (measured: ``bench/results/update_order.json``).
+
 With ``recompute: cheap``, cheap forward tensors whose sources are swapped in anyway are
 computed again in the backward pass instead of copied (see :func:`_recompute`).
 
@@ -46,6 +55,8 @@ Plans hold op names only, so they serialise to JSON and outlive the traced graph
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
+
+import tensorflow as tf
 
 from lmstrain.lms import _tf, devices
 from lmstrain.lms.errors import SwapCycleError
@@ -195,6 +206,12 @@ class SwapPlan:
     skipped: list[SkippedTensor] = field(default_factory=list)
     # ``[first, then]`` pairs: ``then`` waits for ``first`` (a large tensor's small readers)
     orderings: list[list[str]] = field(default_factory=list)
+    # ``IdentityN`` ops between the gradients and the optimizer, read through (the default
+    # strategy's all-reduce, an identity that Grappler removes; see :func:`_update_early`)
+    bypassed: list[str] = field(default_factory=list)
+    # ``[first, then]`` pairs placing each weight's update between the backward ops that read
+    # the weight and their consumers
+    updates_first: list[list[str]] = field(default_factory=list)
     recomputed: list[Recompute] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -224,6 +241,7 @@ class SwapPlan:
             "swap_ins": len(self.swap_ins),
             "skipped_tensors": len(self.skipped),
             "orderings": len(self.orderings),
+            "update_orderings": len(self.updates_first),
             "recomputed_tensors": len(self.recomputed),
             "recomputed_bytes": sum(r.bytes for r in self.recomputed),
             "recompute_ops": sum(len(r.ops) for r in self.recomputed),
@@ -294,6 +312,8 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
         _recompute(step, plan, settings)
     if plan.swapped:
         _read_early(step, plan, settings, compute_device, members)
+        if settings.update_order == "early":
+            _update_early(step, plan, settings, compute_device, members)
     _drop_cyclic_pairs(step, plan)
     return plan
 
@@ -704,7 +724,7 @@ def _drop_cyclic_pairs(step, plan):
     cycles are reported by :func:`~lmstrain.lms.rewrite.check_acyclic`)."""
     within = None  # every cycle lies among the ops a topological sort cannot order
     while True:
-        cycle, within = _find_cycle(step.successor_names, _plan_edges(plan), within)
+        cycle, within = _find_cycle(_successors(step, plan), _plan_edges(plan), within)
         if not cycle:
             return
         edges = set(zip(cycle, cycle[1:]))
@@ -716,6 +736,9 @@ def _drop_cyclic_pairs(step, plan):
         kept = [p for p in plan.orderings if tuple(p) not in edges]
         dropped |= len(kept) != len(plan.orderings)
         plan.orderings = kept
+        kept = [p for p in plan.updates_first if tuple(p) not in edges]
+        dropped |= len(kept) != len(plan.updates_first)
+        plan.updates_first = kept
         if not dropped:
             return
 
@@ -757,6 +780,114 @@ def _read_early(step, plan, settings, compute_device, members=frozenset()):
                            and (_smaller(step, first, size) or op.type not in ARITHMETIC_TYPES)]
                 for then in waiting:
                     _order(plan, first, then)
+
+
+def _update_early(step, plan, settings, compute_device, members=frozenset()):
+    """Run each weight's optimizer update next to its gradient (see the module docstring).
+
+    A weight's update is the update-phase ops its gradient alone reaches: through data edges,
+    through the bypassed ``IdentityN`` (``plan.bypassed``) and from a write of a variable to
+    its later uses (TensorFlow orders them once the trace is done). Updates that also read
+    another gradient (a global norm, a loss-scale check) are left alone. Each of the
+    update's ends (the weight's write) waits for the backward ops that read the weight, so the
+    write changes the variable in place instead of copying it; the readers' data consumers
+    wait for the end. A weight no backward op reads (a bias, the first layer's kernel) has its
+    gradient producer's siblings wait instead.
+    """
+    barriers = {op for op in step.ops if op.type == "IdentityN" and step.phase[op] == UPDATE
+                and not op.control_inputs
+                and any(step.phase.get(t.op) == BACKWARD for t in op.inputs)}
+    plan.bypassed = sorted(op.name for op in barriers)
+    through = {t.name: source for op in barriers for t, source in zip(op.outputs, op.inputs)}
+
+    def sources(op):
+        return [through.get(t.name, t).op for t in op.inputs] + list(op.control_inputs)
+
+    def readers(tensor):
+        found = []
+        for consumer in _consumers(tensor):
+            if consumer in barriers:
+                index = [t.name for t in consumer.inputs].index(tensor.name)
+                found.extend(_consumers(consumer.outputs[index]))
+            else:
+                found.append(consumer)
+        return [c for c in found if step.phase.get(c) == UPDATE and c in step.useful]
+
+    tainted = set()  # update ops that wait for a backward op
+    for op in step.ops:
+        if step.phase[op] == UPDATE and op not in barriers and any(
+                step.phase.get(p) == BACKWARD or p in tainted for p in sources(op)):
+            tainted.add(op)
+    ends = {}  # gradient producer -> the ends of its weight's update
+    for producer in step.ops:
+        if (step.phase[producer] != BACKWARD or producer not in step.useful
+                or not devices.runs_on(producer, compute_device)):
+            continue
+        for gradient in producer.outputs:
+            update, queue = set(), readers(gradient)
+            while queue:
+                op = queue.pop()
+                if op not in update:
+                    update.add(op)
+                    queue.extend(c for t in op.outputs for c in readers(t))
+                    queue.extend(_later_on_resource(step, op))
+            if update and not any(p is not producer and p not in update
+                                  and (step.phase.get(p) == BACKWARD or p in tainted)
+                                  for op in update for p in sources(op)):
+                ends.setdefault(producer, []).extend(sorted(
+                    (op for op in update
+                     if not any(c in step.useful for t in op.outputs for c in t.consumers())
+                     and not _later_on_resource(step, op)), key=lambda op: op.name))
+    feeding = set()  # gradient producers and the backward ops they view
+    for producer in ends:
+        queue = [producer]
+        while queue:
+            op = queue.pop()
+            feeding.add(op)
+            if op.type in ALIAS_TYPES:
+                queue.extend(t.op for t in op.inputs if step.phase.get(t.op) == BACKWARD)
+    weight_readers = {}  # a variable's handle -> the backward ops that read its value
+    for op in step.ops:
+        if (step.phase[op] == BACKWARD and op in step.useful
+                and op.type not in SHAPE_ONLY_TYPES and devices.runs_on(op, compute_device)):
+            for read in _weight_reads(op):
+                weight_readers.setdefault(read.inputs[0].name, []).append(op)
+
+    def may_wait(op):
+        return (op not in members and op not in feeding and step.phase.get(op) == BACKWARD
+                and op in step.useful and op.type not in SHAPE_ONLY_TYPES
+                and devices.runs_on(op, compute_device))
+
+    for producer, update_ends in ends.items():
+        for end in update_ends:
+            weight_read = weight_readers.get(end.inputs[0].name, []) if end.inputs else []
+            for reader in weight_read:
+                _update_order(plan, reader, end)
+            waiting = ([c for r in weight_read for c in _data_consumers(step, r)] if weight_read
+                       else [s for t in producer.inputs if t.op.type not in NEVER_SWAPPED_TYPES
+                             and (step.tensor_bytes(t) or 0) >= max(settings.min_tensor_bytes, 1)
+                             for s in _consumers(t) if s is not producer])
+            for op in waiting:
+                if may_wait(op):
+                    _update_order(plan, end, op)
+
+
+def _update_order(plan, first, then):
+    """Make ``then`` wait for ``first`` (once), for :func:`_update_early`."""
+    pair = [first.name, then.name]
+    if pair not in plan.updates_first:
+        plan.updates_first.append(pair)
+
+
+def _later_on_resource(step, op):
+    """The update ops that use the variable ``op`` writes and were created after it: they wait
+    for it (TensorFlow's automatic control dependencies order a function's uses of one
+    resource as created, once its trace is done)."""
+    if not op.type.startswith("Assign") or not op.inputs or op.inputs[0].dtype != tf.resource:
+        return []
+    index = _tf.creation_index(op)
+    return [c for c in _consumers(op.inputs[0])
+            if step.phase.get(c) == UPDATE and _tf.creation_index(c) > index]
 
 
 def _order(plan, first, then):
@@ -881,7 +1012,23 @@ def check_acyclic(step, plan):
 
 def find_cycle(step, plan):
     """A cycle (names, first repeated last) the plan's edges would create, or None."""
-    return _find_cycle(step.successor_names, _plan_edges(plan))[0]
+    return _find_cycle(_successors(step, plan), _plan_edges(plan))[0]
+
+
+def _successors(step, plan):
+    """The step's successor names, with the plan's bypassed ``IdentityN`` ops taken out."""
+    if not plan.bypassed:
+        return step.successor_names
+    successors = {name: set(names) for name, names in step.successor_names.items()}
+    graph = step.graph
+    for name in plan.bypassed:
+        barrier = graph.get_operation_by_name(name)
+        successors[name] = set()
+        for t, src in zip(barrier.outputs, barrier.inputs):
+            found = successors.setdefault(src.op.name, set())
+            found.discard(name)
+            found.update(c.name for c in t.consumers())
+    return successors
 
 
 def _plan_edges(plan):
@@ -915,7 +1062,7 @@ def _plan_edges(plan):
                 edge(trigger, name)
         for first, then in r.frees_before:
             edge(first, then)
-    for first, then in plan.orderings:
+    for first, then in plan.orderings + plan.updates_first:
         edge(first, then)
     return added
 

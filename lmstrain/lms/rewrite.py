@@ -6,7 +6,9 @@ grouped consumers read the swap-in instead of the original; the swap-in waits fo
 trigger ops and the swap-outs it is ``after_swap_outs``; in ``swapout`` sync mode the producer's
 forward consumers wait for the swap-out so the original can be freed as soon as the forward pass
 is done with it; the ops a swap-in ``frees_before`` wait for its consumers, so the copy is freed
-before they allocate; the second op of each of the plan's ``orderings`` waits for the first.
+before they allocate; the second op of each of the plan's ``orderings`` and
+``updates_first`` pairs waits for the first. The consumers of a ``bypassed`` ``IdentityN``
+read its inputs.
 Each recomputation repeats its ops on the compute device under
 ``<producer>/lms/t<trace>_<i>/recompute/``, reading the sources' swap-ins, and its consumers
 read the repeated tensor.
@@ -35,6 +37,11 @@ def apply_plan(step: StepGraph, plan: SwapPlan) -> None:
     check_acyclic(step, plan)
     copy = COPY_OPS[plan.copy_mode]
     graph = step.graph
+    for name in plan.bypassed:
+        barrier = graph.get_operation_by_name(name)
+        for old, new in zip(barrier.outputs, barrier.inputs):
+            for consumer in dict.fromkeys(old.consumers()):
+                _rewire(consumer, old, new)
     swapped_in = {}  # (tensor, swap-in index) -> the swap-in's output
     with graph.control_dependencies(None):
         for swapped in plan.swapped:
@@ -63,7 +70,7 @@ def apply_plan(step: StepGraph, plan: SwapPlan) -> None:
                 _tf.add_control_input(graph.get_operation_by_name(swap_in.name),
                                       swap_outs[tensor])
         _recompute(graph, plan, swapped_in)
-        for first, then in plan.orderings:
+        for first, then in plan.orderings + plan.updates_first:
             _tf.add_control_input(graph.get_operation_by_name(then),
                                   graph.get_operation_by_name(first))
 

@@ -9,6 +9,7 @@ from lmstrain.lms.errors import LMSParameterError
 
 SYNC_MODES = ("async", "swapout", "swapin", "both")
 RECOMPUTE_MODES = ("none", "cheap", "auto")
+UPDATE_ORDERS = ("early", "tensorflow")
 SyncMode = Literal["async", "swapout", "swapin", "both"]
 SYNC_SWAPOUT = frozenset({"swapout", "both"})
 SYNC_SWAPIN = frozenset({"swapin", "both"})
@@ -50,6 +51,10 @@ class SwapSettings:
                 "from a tensor that is swapped in anyway; none: swap it; auto: auto-tune "
                 "searches both ways, holding recomputing plans to a margin under the budget, "
                 "and keeps the one that copies fewer bytes (needs autotune).")
+    update_order: Literal["early", "tensorflow"] = _setting(
+        "early", "early: each weight's optimizer update runs as soon as the backward pass is "
+                 "done with the weight, freeing its gradient; tensorflow: when TensorFlow's "
+                 "executor gets to it (on a CPU, often at the end of the backward pass).")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -61,6 +66,8 @@ class SwapSettings:
                 check_choice("sync_mode", value, SYNC_MODES)
             elif f.name == "recompute":
                 check_choice("recompute", value, RECOMPUTE_MODES)
+            elif f.name == "update_order":
+                check_choice("update_order", value, UPDATE_ORDERS)
             else:
                 object.__setattr__(self, f.name, _names(f.name, value))
 

@@ -64,7 +64,7 @@ def with_plan(flow, plan, cpu_executor=True):
             if back is not None:
                 back.preds.extend(name for name in outs if name in nodes)
     added.extend(_recomputations(flow, plan, swapped_in, by_name))
-    for first, then in plan.orderings:
+    for first, then in plan.orderings + plan.updates_first:
         for waiting in _names(flow, [then]):
             by_name[waiting].preds.extend(_names(flow, [first]))
     for node in result.nodes:
