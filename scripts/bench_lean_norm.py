@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmstrain.atomic import write_text
-from lmstrain.config import load_config, swap_settings
+from lmstrain.config import load_config
+from lmstrain.lms import SwapSettings
 from lmstrain.planning.simulate import simulate_step
 from lmstrain.planning.sweep import TrialSpec, run_trial_process
 
@@ -66,9 +67,11 @@ def trial(size, split, norm):
                          f"{size}^3 split_concat={split} norm={norm}")
 
 
-def swapped_trial(config, size, label):
-    """The swap-on trial `lmstrain maxres` runs at ``size``^3, batch 1, far under budget."""
-    result = run_trial_process(config, TrialSpec((size,) * 3, 1, True, BUDGET), timeout_s=3600)
+def swapped_trial(config, size, label, swap=None):
+    """The swap-on trial `lmstrain maxres` runs at ``size``^3, batch 1, far under budget;
+    ``swap``: SwapSettings fields (None: the defaults)."""
+    result = run_trial_process(config, TrialSpec((size,) * 3, 1, True, BUDGET), timeout_s=3600,
+                               swap=swap)
     if not result.ok:
         raise SystemExit(f"{label}: trial ended {result.status}: {result.reason}")
     return result
@@ -80,13 +83,14 @@ def row(case, runs):
             **measured(runs, config_of(split, norm), size)}
 
 
-def measured(runs, config, size):
-    """The median peaks of ``runs`` (swapped trials of ``config`` at ``size``^3), their
-    allocator waste share and the simulator's op-output peak of the same step."""
+def measured(runs, config, size, swap=None):
+    """The median peaks of ``runs`` (swapped trials of ``config`` at ``size``^3 with the
+    SwapSettings fields ``swap``), their allocator waste share and the simulator's op-output
+    peak of the same step."""
     peak = statistics.median(r.measured_peak_bytes for r in runs)
     op_output = statistics.median(r.extra["step_peak_bytes"] for r in runs)
     chunks = statistics.median(r.extra["step_peak_allocation_bytes"] for r in runs)
-    predicted = simulate_step(config, (size,) * 3, 1, swap_settings(config),
+    predicted = simulate_step(config, (size,) * 3, 1, SwapSettings(**(swap or {})),
                               executor="cpu").step_peak_bytes
     return {"device_attributed_peak_bytes": [r.measured_peak_bytes for r in runs],
             "device_attributed_peak_bytes_median": peak,

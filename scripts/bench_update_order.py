@@ -44,11 +44,12 @@ def main():
         for _ in range(args.repeats):
             for case in cases:
                 network, size, order = case
-                runs[case].append(swapped_trial(config_of(network, order), size,
-                                                f"{network} {size}^3, update_order {order}"))
+                runs[case].append(swapped_trial(config_of(network), size,
+                                                f"{network} {size}^3, update_order {order}",
+                                                {"update_order": order}))
                 bar.update()
     rows = [{"config": network, "size": size, "update_order": order,
-             **measured(runs[case], config_of(network, order), size)}
+             **measured(runs[case], config_of(network), size, {"update_order": order})}
             for case in cases for network, size, order in [case]]
     result = {"batch": 1, "repeats": args.repeats,
               "measure": __doc__.split("\n\n")[1].strip(), "rows": rows,
@@ -57,8 +58,8 @@ def main():
     print(result["markdown"])
 
 
-def config_of(network, order):
-    return load_config(ROOT / network, [f"lms.update_order={order}"])
+def config_of(network):
+    return load_config(ROOT / network)
 
 
 def markdown(rows):
