@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_lean_norm import measured, swapped_trial
+from bench_lean_norm import measured, measured_cells, swapped_trial
 from tqdm import tqdm
 
 from lmstrain.atomic import write_text
@@ -29,7 +29,6 @@ from lmstrain.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 ORDERS = ("tensorflow", "early")
 NETWORKS = {"configs/demo.yaml": (96, 104), "configs/brats2021_isensee.yaml": (64, 96)}
-MIB = 2**20
 
 
 def main():
@@ -69,12 +68,8 @@ def markdown(rows):
              "| allocator waste | peak at | op-output peak (simulated) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| `{r['config']}` | {r['size']}^3 | {r['update_order']} | "
-            f"{r['device_attributed_peak_bytes_median'] / MIB:.1f} MiB | "
-            f"{r['step_op_output_peak_bytes_median'] / MIB:.1f} MiB | {r['waste_share']:.1%} | "
-            f"`{r['peak_at_op'][0].removeprefix('isensee2017_1/')}` | "
-            f"{r['simulated_step_op_output_peak_bytes'] / MIB:.1f} MiB |")
+        lines.append(f"| `{r['config']}` | {r['size']}^3 | {r['update_order']} | "
+                     + measured_cells(r))
     return "\n".join(lines)
 
 
