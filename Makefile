@@ -5,8 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install demo test test-slow clean-demo bench-pipeline bench-lms bench-sim bench-maxres \
-        bench-overhead bench-distribute bench-recompute bench-lean-norm bench-update-order bench-peers bench-study bench-report \
-        bench-all
+        bench-overhead bench-distribute bench-recompute bench-lean-norm bench-update-order \
+        bench-peers bench-study bench-report bench-all
 
 install: $(STAMP)
 

@@ -641,7 +641,7 @@ def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, 
             if (reader not in gates and reader not in members and _smaller(step, reader, size)
                     and _ready_with(step, reader, {tensor.name}, producer)):
                 for gate in gates:
-                    _order(plan, reader, gate)
+                    _order(plan.orderings, reader, gate)
     plan.swapped.append(SwappedTensor(
         tensor=tensor.name, producer=producer.name, producer_type=producer.type,
         shape=tensor.shape.as_list(), dtype=tensor.dtype.name, bytes=size, swap_ins=swap_ins,
@@ -779,7 +779,7 @@ def _read_early(step, plan, settings, compute_device, members=frozenset()):
                 waiting = [op for op in late + after if op.type not in NEVER_TRIGGER_TYPES
                            and (_smaller(step, first, size) or op.type not in ARITHMETIC_TYPES)]
                 for then in waiting:
-                    _order(plan, first, then)
+                    _order(plan.orderings, first, then)
 
 
 def _update_early(step, plan, settings, compute_device, members=frozenset()):
@@ -862,21 +862,14 @@ def _update_early(step, plan, settings, compute_device, members=frozenset()):
         for end in update_ends:
             weight_read = weight_readers.get(end.inputs[0].name, []) if end.inputs else []
             for reader in weight_read:
-                _update_order(plan, reader, end)
+                _order(plan.updates_first, reader, end)
             waiting = ([c for r in weight_read for c in _data_consumers(step, r)] if weight_read
                        else [s for t in producer.inputs if t.op.type not in NEVER_SWAPPED_TYPES
                              and (step.tensor_bytes(t) or 0) >= max(settings.min_tensor_bytes, 1)
                              for s in _consumers(t) if s is not producer])
             for op in waiting:
                 if may_wait(op):
-                    _update_order(plan, end, op)
-
-
-def _update_order(plan, first, then):
-    """Make ``then`` wait for ``first`` (once), for :func:`_update_early`."""
-    pair = [first.name, then.name]
-    if pair not in plan.updates_first:
-        plan.updates_first.append(pair)
+                    _order(plan.updates_first, end, op)
 
 
 def _later_on_resource(step, op):
@@ -890,11 +883,12 @@ def _later_on_resource(step, op):
             if step.phase.get(c) == UPDATE and _tf.creation_index(c) > index]
 
 
-def _order(plan, first, then):
-    """Make ``then`` wait for ``first`` (once)."""
+def _order(pairs, first, then):
+    """Make ``then`` wait for ``first`` (once): a pair in ``pairs`` (``plan.orderings`` or
+    ``plan.updates_first``)."""
     pair = [first.name, then.name]
-    if pair not in plan.orderings:
-        plan.orderings.append(pair)
+    if pair not in pairs:
+        pairs.append(pair)
 
 
 def _smaller(step, op, size):
