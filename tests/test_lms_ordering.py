@@ -85,63 +85,19 @@ def test_update_order_tensorflow_leaves_the_updates_where_they_were():
                    if op.name.startswith(GRAD))
 
 
-
-@pytest.fixture(scope="module")
-def split_trace():
-    config = load_config("configs/demo.yaml", ["model.split_concat=true"])
-    return trace_step(config, (16, 16, 16), 1, SwapSettings())
-
-
-def swapped(trace, tensor):
-    return next(s for s in trace.plan.swapped if s.tensor == tensor)
-
-
-def test_every_forward_path_waits_for_a_swap_out(trace):
-    # The decoder's last activation at dec1 feeds the deep-supervision convolution (weights)
-    # and dec0's upsampling (no weights for many ops). Gating only the convolution's kernel
-    # read let the upsampling allocate with the copy still queued; its first repeat, which
-    # makes more than it reads, now waits too, after the small convolution has read the
-    # activation.
-    act = swapped(trace, NET + "dec1_loc2_act_1/LeakyRelu:0")
-    tile = NET + "dec0_upsample_1/Repeat/Tile"
-    assert set(act.wait_for_swap_out) == {NET + "dec1_seg_1/convolution/ReadVariableOp", tile}
-    assert [NET + "dec1_seg_1/convolution", tile] in trace.plan.orderings
-    assert act.swap_out in [c.name for c in trace.graph.get_operation_by_name(tile).control_inputs]
-
-
-def test_a_convolution_over_the_skip_part_runs_late_reading_a_swap_in(split_trace):
+def test_a_convolution_over_the_skip_part_runs_late_reading_a_swap_in():
     # With model.split_concat the convolution over the skip connection needs only the
     # encoder's output and could run as soon as it exists; the executor ran it late, when
     # the decoder's top level reads its sum, so the encoder's output stayed on the device
     # through the whole network. The plan brings it back for that convolution instead.
-    skip = swapped(split_trace, NET + "enc0_add_1/Add:0")
+    config = load_config("configs/demo.yaml", ["model.split_concat=true"])
+    trace = trace_step(config, (16, 16, 16), 1, SwapSettings())
+    skip = next(s for s in trace.plan.swapped if s.tensor == NET + "enc0_add_1/Add:0")
     conv = NET + "dec0_loc1_conv_1/convolution"
     [swap_in] = [i for i in skip.swap_ins if conv in i.consumers]
     assert swap_in.trigger == [NET + "dec0_up_act_1/LeakyRelu"]
-    read = split_trace.graph.get_operation_by_name(conv).inputs[0].op
+    read = trace.graph.get_operation_by_name(conv).inputs[0].op
     assert read.name == swap_in.name
     assert NET + "dec0_up_act_1/LeakyRelu" in [c.name for c in read.control_inputs]
     # The encoder's next convolution is the only forward read left to wait for the swap-out.
     assert skip.wait_for_swap_out == [NET + "enc1_in_conv_1/convolution/ReadVariableOp"]
-
-
-def test_a_long_lived_gradient_without_near_readers_is_on_the_host_before_the_pass_goes_on(
-        split_trace):
-    # The gradient for the skip part waits for the encoder's backward pass; nothing near
-    # reads it, so nothing waited for its swap-out and the executor left the copy queued
-    # while the decoder's own path went on. Its sibling over the up part now waits.
-    gradient = swapped(split_trace, GRAD + "dec0_loc1_conv_1/convolution/Conv3DBackpropInputV2:0")
-    assert not gradient.kept_consumers
-    assert gradient.wait_for_swap_out == [
-        GRAD + "dec0_loc1_conv_1/convolution_1/Conv3DBackpropInputV2"]
-
-
-def test_the_two_parts_of_a_split_filter_gradient_come_back_one_after_the_other(split_trace):
-    # One trigger brought both parts' activations back at once, beside their gradient.
-    up = swapped(split_trace, NET + "dec0_up_act_1/LeakyRelu:0")
-    [swap_in] = up.swap_ins
-    assert swap_in.consumers == [GRAD + "dec0_loc1_conv_1/convolution_1/Conv3DBackpropFilterV2"]
-    assert swap_in.trigger == [GRAD + "dec0_loc1_conv_1/convolution/Conv3DBackpropFilterV2"]
-    skip = swapped(split_trace, NET + "enc0_add_1/Add:0")
-    assert [GRAD + "dec0_loc1_conv_1/convolution/Conv3DBackpropFilterV2"] in [
-        i.consumers for i in skip.swap_ins]
