@@ -83,21 +83,3 @@ def test_update_order_tensorflow_leaves_the_updates_where_they_were():
     assert not any(c.type == "AssignSubVariableOp"
                    for op in trace.graph.get_operations() for c in op.control_inputs
                    if op.name.startswith(GRAD))
-
-
-def test_a_convolution_over_the_skip_part_runs_late_reading_a_swap_in():
-    # With model.split_concat the convolution over the skip connection needs only the
-    # encoder's output and could run as soon as it exists; the executor ran it late, when
-    # the decoder's top level reads its sum, so the encoder's output stayed on the device
-    # through the whole network. The plan brings it back for that convolution instead.
-    config = load_config("configs/demo.yaml", ["model.split_concat=true"])
-    trace = trace_step(config, (16, 16, 16), 1, SwapSettings())
-    skip = next(s for s in trace.plan.swapped if s.tensor == NET + "enc0_add_1/Add:0")
-    conv = NET + "dec0_loc1_conv_1/convolution"
-    [swap_in] = [i for i in skip.swap_ins if conv in i.consumers]
-    assert swap_in.trigger == [NET + "dec0_up_act_1/LeakyRelu"]
-    read = trace.graph.get_operation_by_name(conv).inputs[0].op
-    assert read.name == swap_in.name
-    assert NET + "dec0_up_act_1/LeakyRelu" in [c.name for c in read.control_inputs]
-    # The encoder's next convolution is the only forward read left to wait for the swap-out.
-    assert skip.wait_for_swap_out == [NET + "enc1_in_conv_1/convolution/ReadVariableOp"]

@@ -104,20 +104,6 @@ class StepGraph:
                 successors.setdefault(pred.name, set()).add(op.name)
         return successors
 
-    @functools.cached_property
-    def latest(self) -> dict:
-        """Each forward op's latest level: one less than the least latest level of the forward
-        ops that read it or wait for it, its own level when none does. Above its level, the
-        op can run that much later without holding up the forward pass (a convolution over
-        one part of a skip connection's concatenation, see ``model.split_concat``). Cached."""
-        graph, latest = self.graph, {}
-        forward = [op for op in self.ops if self.phase[op] == FORWARD]
-        for op in sorted(forward, key=lambda op: -self.level[op]):
-            later = [latest[s] for s in map(graph.get_operation_by_name,
-                                            self.successor_names[op.name]) if s in latest]
-            latest[op] = min(later, default=self.level[op] + 1) - 1
-        return latest
-
     def upstream(self, op):
         """``op`` and every op it depends on, directly or not. Cached (the graph must not
         change in between)."""

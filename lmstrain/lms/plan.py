@@ -17,11 +17,7 @@ Seven additions to TFLMS's rules cut the peak of U-Nets:
   decoder's backward pass until the encoder's) goes to the host and back like an activation;
 - a forward tensor whose forward consumer runs far later (a skip connection, read by the
   decoder's concatenation) is swapped in for that consumer too, so it does not occupy (and
-  fragment) device memory while the network's deeper levels run; so is a forward tensor whose
-  reader needs nothing computed after it but makes as many bytes as it reads (with
-  ``model.split_concat``, the convolution over the skip part): that reader runs late, where
-  its own readers need it, reading the swap-in (the executor ran it late anyway, holding the
-  encoder's output through the whole network);
+  fragment) device memory while the network's deeper levels run;
 - forward tensors that update-phase ops read (the metrics read the network's output) get one
   more swap-in, triggered by the end of the backward pass, so that the metrics are computed
   after the backward pass instead of holding their results through it;
@@ -294,14 +290,14 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
         threshold = settings.swapout_threshold if phase == FORWARD else long_lived
         for tensor in op.outputs:
             forward, backward, update = _consumers_by_phase(step, tensor)
-            size = step.tensor_bytes(tensor)
-            ahead = [c for c in forward if _runs_far(step, op, c, size, long_lived)]
+            ahead = [c for c in forward if step.level[c] - step.level[op] > long_lived]
             if phase == BACKWARD:
                 update = []
                 if not _far(step, op, backward, threshold):
                     continue
             if not backward and not ahead:
                 continue
+            size = step.tensor_bytes(tensor)
             reason = _skip_reason(op, size, settings, compute_device, step)
             if reason is None and op in absorbed:
                 reason = (f"{op.type} output that Grappler's arithmetic optimizer merges with "
@@ -507,18 +503,6 @@ def _in_backward(step, swap_in):
 
 def _far(step, producer, consumers, threshold):
     return any(step.level[c] - step.level[producer] > threshold for c in consumers)
-
-
-def _runs_far(step, producer, consumer, size, distance):
-    """True if the forward ``consumer`` runs more than ``distance`` levels after ``producer``:
-    it must, or it can and should. A consumer that can run later (see
-    :attr:`~lmstrain.lms.graph.StepGraph.latest`) and makes no fewer bytes than it reads would
-    hold its output from ``producer`` on; it is better run late, reading a swap-in. A view
-    (``ALIAS_TYPES``) makes no bytes of its own."""
-    if step.level[consumer] - step.level[producer] > distance:
-        return True
-    return (size is not None and step.latest[consumer] - step.level[producer] > distance
-            and consumer.type not in ALIAS_TYPES and not _smaller(step, consumer, size))
 
 
 def _consumers_by_phase(step, tensor):
@@ -975,38 +959,19 @@ def _trigger(step, producer, consumer, settings, compute_device, members=frozens
     ``swapin``/``both`` sync mode they are the consumer's own inputs (swap in at the last
     moment); otherwise the one nearest to ``swapin_ahead`` levels before the consumer.
     """
-    floor, phase, level = step.level[producer], step.phase[consumer], step.level[consumer]
-    ancestors = step.phase_ancestors(consumer, phase)
-    if phase == FORWARD and not any(step.level[op] > floor for op in ancestors):
-        # Nothing it needs comes after the producer: run it late (see :func:`_runs_far`),
-        # anchored to the ops its readers wait for.
-        ancestors = _anchors(step, consumer)
-        level = step.latest[consumer]
-    candidates = [op for op in ancestors
+    floor = step.level[producer]
+    candidates = [op for op in step.phase_ancestors(consumer, step.phase[consumer])
                   if step.level[op] > floor and op in step.useful and op not in members
                   and op.type not in NEVER_TRIGGER_TYPES and devices.runs_on(op, compute_device)]
     if settings.sync_mode in SYNC_SWAPIN:
         inputs = set(candidates) & set(predecessors(consumer))
         if inputs:
             return sorted(inputs, key=lambda op: op.name)
-    target = level - settings.swapin_ahead
+    target = step.level[consumer] - settings.swapin_ahead
     eligible = [op for op in candidates if step.level[op] <= target]
     if not eligible:
         return []
     return [min(eligible, key=lambda op: (-step.level[op], op.name))]
-
-
-def _anchors(step, op):
-    """Forward ops that the forward readers of ``op`` wait for and that do not wait for it."""
-    graph, after, queue = step.graph, set(), deque([op])
-    while queue:
-        for name in step.successor_names[queue.popleft().name]:
-            successor = graph.get_operation_by_name(name)
-            if successor not in after and step.phase.get(successor) == FORWARD:
-                after.add(successor)
-                queue.append(successor)
-    readers = [c for t in op.outputs for c in _consumers(t) if step.phase.get(c) == FORWARD]
-    return set().union(*(step.phase_ancestors(c, FORWARD) for c in readers)) - after - {op}
 
 
 def _in_scopes(name, scopes):
