@@ -106,13 +106,22 @@ def measured(runs, config, size, swap=None):
 def markdown(rows):
     lines = ["configs/demo.yaml's network, batch 1, swapping (measured on this CPU, "
              "device-attributed; the simulated column is the simulator's, not measured):", "",
-             "| size | model.split_concat | model.norm | device-attributed peak | op-output peak "
-             "| allocator waste | peak at | op-output peak (simulated) |",
-             "|---|---|---|---|---|---|---|---|"]
+             *table_header(["size", "model.split_concat", "model.norm"])]
     for r in rows:
         lines.append(f"| {r['size']}^3 | {str(r['split_concat']).lower()} | {r['norm']} | "
                      + measured_cells(r))
     return "\n".join(lines)
+
+
+MEASURED_COLUMNS = ("device-attributed peak", "op-output peak", "allocator waste", "peak at",
+                    "op-output peak (simulated)")
+
+
+def table_header(leading):
+    """The header and rule lines of a table: the ``leading`` columns, then those of
+    :func:`measured_cells`."""
+    columns = [*leading, *MEASURED_COLUMNS]
+    return "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)
 
 
 def measured_cells(row):

@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_lean_norm import measured, measured_cells, swapped_trial
+from bench_lean_norm import measured, measured_cells, swapped_trial, table_header
 from tqdm import tqdm
 
 from lmstrain.atomic import write_text
@@ -64,9 +64,7 @@ def config_of(network):
 def markdown(rows):
     lines = ["Batch 1, swapping (measured on this CPU, device-attributed, median of the "
              "runs; the simulated column is the simulator's, not measured):", "",
-             "| config | size | lms.update_order | device-attributed peak | op-output peak "
-             "| allocator waste | peak at | op-output peak (simulated) |",
-             "|---|---|---|---|---|---|---|---|"]
+             *table_header(["config", "size", "lms.update_order"])]
     for r in rows:
         lines.append(f"| `{r['config']}` | {r['size']}^3 | {r['update_order']} | "
                      + measured_cells(r))

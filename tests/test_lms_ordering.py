@@ -54,7 +54,6 @@ def test_long_lived_gradients_are_on_the_host_before_their_near_readers_run(trac
                                         .control_inputs]
 
 
-
 def test_each_weight_is_updated_between_its_backward_read_and_the_ops_after_it(trace):
     # Without these edges TensorFlow's CPU executor leaves the optimizer's updates on its
     # thread pool's stack until the backward pass ends, holding every weight's gradient.
