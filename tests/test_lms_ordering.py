@@ -82,3 +82,48 @@ def test_update_order_tensorflow_leaves_the_updates_where_they_were():
     assert not any(c.type == "AssignSubVariableOp"
                    for op in trace.graph.get_operations() for c in op.control_inputs
                    if op.name.startswith(GRAD))
+
+
+@pytest.fixture(scope="module")
+def split_trace():
+    config = load_config("configs/demo.yaml", ["model.split_concat=true"])
+    return trace_step(config, (16, 16, 16), 1, SwapSettings())
+
+
+def swapped(trace, tensor):
+    return next(s for s in trace.plan.swapped if s.tensor == tensor)
+
+
+def test_a_long_lived_gradient_without_near_readers_is_on_the_host_before_the_pass_goes_on(
+        split_trace):
+    # With model.split_concat the gradient for the skip part waits for the encoder's backward
+    # pass; nothing near reads it, so nothing waited for its swap-out and the executor could
+    # leave the copy queued while the decoder's own path went on. Its sibling over the up part
+    # (the same kind of op) now waits.
+    gradient = swapped(split_trace, GRAD + "dec0_loc1_conv_1/convolution/Conv3DBackpropInputV2:0")
+    assert not gradient.kept_consumers
+    assert gradient.wait_for_swap_out == [
+        GRAD + "dec0_loc1_conv_1/convolution_1/Conv3DBackpropInputV2"]
+    assert waits(split_trace, GRAD + "dec0_loc1_conv_1/convolution_1/Conv3DBackpropInputV2",
+                 gradient.swap_out)
+
+
+def test_the_two_parts_of_a_split_filter_gradient_come_back_one_after_the_other(split_trace):
+    # One trigger brought both parts' activations back at once, beside their gradient.
+    up = swapped(split_trace, NET + "dec0_up_act_1/LeakyRelu:0")
+    [swap_in] = up.swap_ins
+    assert swap_in.consumers == [GRAD + "dec0_loc1_conv_1/convolution_1/Conv3DBackpropFilterV2"]
+    assert swap_in.trigger == [GRAD + "dec0_loc1_conv_1/convolution/Conv3DBackpropFilterV2"]
+    skip = swapped(split_trace, NET + "enc0_add_1/Add:0")
+    assert [GRAD + "dec0_loc1_conv_1/convolution/Conv3DBackpropFilterV2"] in [
+        i.consumers for i in skip.swap_ins]
+
+
+def test_the_shipped_network_has_no_sibling_gradient_to_gate(trace):
+    # Without model.split_concat no gradient is made beside another of its kind: no backward
+    # op waits for the swap-out of a gradient of its own type.
+    for s in trace.plan.swapped:
+        producer = trace.graph.get_tensor_by_name(s.tensor).op
+        if producer.name.startswith(GRAD):
+            assert all(trace.graph.get_operation_by_name(n).type != producer.type
+                       for n in s.wait_for_swap_out), s.tensor

@@ -76,17 +76,71 @@ def test_host_nodes_run_once_the_device_has_no_inline_work():
     # which goes to the pool because the cheap Reshape is queued inline.
     assert [n.name for n in schedule.executor_order(flow)] == [
         "act", "cheap", "swap_out", "next", "last"]
-    # The host's own executor: its _Send runs inline after the Reshape and puts the swap-out at
-    # the pool's front, ahead of "next", which went there first.
+    # Across devices: act's _Send to the host is expensive and, as the Reshape is queued
+    # inline, goes to the pool with "next". Listed last, it is the pool's front: the swap-out
+    # runs once the Reshape is done.
     assert [n.name for n in schedule.executor_order(flow, host_sends=True)] == [
         "act", "cheap", "swap_out", "next", "last"]
-    # A chain the inline queue goes on with (cheap2, then next2 inline as the queue is empty)
-    # runs first; the swap-out waits at the pool's front.
-    flow = Dataflow(flow.nodes[:2] + [node("cheap2", "Reshape", ["cheap:0"], 4, expensive=False),
-                                      node("next2", "Conv3D", ["cheap2:0"], 4)]
-                    + flow.nodes[2:], {}, {}, [])
+    # Listed first (Grappler put the swap-out before "next"), "next" is the front: it and its
+    # chain run first, and the swap-out (act still on the device) only when the pool reaches
+    # the send.
+    flow.positions = {"act": 0, "swap_out": 1, "cheap": 2, "next": 3, "last": 4}
     assert [n.name for n in schedule.executor_order(flow, host_sends=True)] == [
-        "act", "cheap", "cheap2", "next2", "swap_out", "next", "last"]
+        "act", "cheap", "next", "last", "swap_out"]
+
+
+def test_swap_ins_wait_for_the_hosts_send_beneath_later_work():
+    flow = Dataflow([
+        node("act", "Relu", out=4),
+        node("swap_out", "DeepCopy", ["act:0"], 4),
+        node("gated", "Conv3D", ["act:0"], 4, preds=["act", "swap_out"]),
+        node("other", "Conv3D", ["gated:0"], 4),
+        node("trigger", "Conv3D", ["other:0"], 4),
+        node("swap_in", "DeepCopy", ["swap_out:0"], 4, preds=["swap_out", "trigger"]),
+        node("grad", "Conv3D", ["swap_in:0", "trigger:0"], 4),
+    ], {}, {}, [])
+    flow.nodes[1].on_host = True
+    # act's _Send is its only ready successor, so it runs at once and the swap-out is next.
+    # The swap-out's data _Send goes to the pool; the NoOp grouping the ops that wait for it
+    # (cheap) and its control _Send run inline, and their _Recv puts "gated" in front of the
+    # data _Send. The pass goes on from "gated"; the swap-in, ready by its trigger, comes back
+    # when the pool reaches the data _Send.
+    order = [n.name for n in schedule.executor_order(flow, host_sends=True)]
+    assert order == ["act", "swap_out", "gated", "other", "trigger", "swap_in", "grad"]
+
+
+def test_a_hosts_send_is_listed_where_grappler_put_the_host_node():
+    def order(positions):
+        flow = Dataflow([
+            node("add", "AddV2", out=4),
+            node("relu", "Relu", ["add:0"], 4),
+            node("swap_out", "DeepCopy", ["add:0"], 4),
+        ], {}, {}, [])
+        flow.nodes[2].on_host = True
+        flow.positions = positions
+        return [n.name for n in schedule.executor_order(flow, host_sends=True)]
+
+    # Grappler put the swap-out before the Relu: add's _Send comes first and goes to the
+    # pool; the Relu, the last ready op, runs inline, and add stays on the device until then.
+    assert order({"add": 0, "swap_out": 1, "relu": 2}) == ["add", "relu", "swap_out"]
+    # After the Relu (or unknown: swap nodes are created last), the _Send runs inline.
+    assert order({"add": 0, "relu": 1, "swap_out": 2}) == ["add", "swap_out", "relu"]
+    assert order({}) == ["add", "swap_out", "relu"]
+
+
+def test_the_batch_comes_in_after_the_steps_other_roots():
+    flow = Dataflow([
+        node("data", "Placeholder", out=4),
+        node("swap_out", "DeepCopy", ["data:0"], 4),
+        node("conv", "Conv3D", ["data:0"], 4),
+        node("seed", "ReadVariableOp", out=4),
+        node("noise", "StatelessRandomUniformV2", ["seed:0"], 4),
+    ], {}, {}, [])
+    flow.nodes[1].on_host = True
+    # The step's IteratorGetNext runs after every other root, so the forward pass starts
+    # when their chains are done.
+    assert [n.name for n in schedule.executor_order(flow, host_sends=True)] == [
+        "seed", "noise", "data", "swap_out", "conv"]
 
 
 def test_rewritten_convolution_gradients_are_ordered_as_tensorflow_lists_them():

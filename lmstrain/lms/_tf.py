@@ -2,8 +2,8 @@
 
 Graph editing (``Operation._update_input``, ``_add_control_input``, ``_id``), the automatic
 control dependency skip-list, the eager context's graph collection and function-call options,
-and the device list with memory limits. All are stable across TF 2.x but undocumented; a TF
-upgrade should only need this module checked.
+Grappler run on a graph outside the runtime, and the device list with memory limits. All are
+stable across TF 2.x but undocumented; a TF upgrade should only need this module checked.
 """
 
 from collections.abc import Iterator
@@ -13,7 +13,8 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.client import device_lib
 from tensorflow.python.eager import context
-from tensorflow.python.framework import auto_control_deps
+from tensorflow.python.framework import auto_control_deps, meta_graph
+from tensorflow.python.grappler import tf_optimizer
 
 
 def creation_index(op):
@@ -80,6 +81,18 @@ def without_memory_optimizer() -> Iterator[None]:
         yield
     finally:
         options.config_proto_serialized = before
+
+
+def grappler_order(graph: tf.Graph, fetches) -> list[str]:
+    """The names of ``graph``'s nodes in the order Grappler's default optimisation leaves
+    them (memory optimizer off, as :func:`without_memory_optimizer` runs a swapped step),
+    keeping what ``fetches`` (tensors or ops) need."""
+    meta = meta_graph.create_meta_graph_def(graph=graph)
+    meta.collection_def["train_op"].node_list.value.extend(f.name for f in fetches)
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.memory_optimization = (
+        rewriter_config_pb2.RewriterConfig.NO_MEM_OPT)
+    return [node.name for node in tf_optimizer.OptimizeGraph(config, meta).node]
 
 
 def start_graph_collection():

@@ -96,12 +96,16 @@ class Dataflow:
     producer: dict = field(default_factory=dict)
     input_reads: dict = field(default_factory=dict)  # node name -> resident inputs it reads
     input_types: dict = field(default_factory=dict)  # step input tensor name -> (dtype, elements)
+    # node name -> position in the graph Grappler returns (TensorFlow's partitions list nodes
+    # in that order); empty when unknown
+    positions: dict = field(default_factory=dict)
 
     def derived(self, nodes):
         """A Dataflow of ``nodes`` with copies of this one's resident state and inputs."""
         return Dataflow(nodes, dict(self.resident), dict(self.inputs),
                         list(self.resident_sizes), dict(self.merged), function=self.function,
-                        input_reads=dict(self.input_reads), input_types=dict(self.input_types))
+                        input_reads=dict(self.input_reads), input_types=dict(self.input_types),
+                        positions=dict(self.positions))
 
     def __post_init__(self):
         self.index()

@@ -20,6 +20,19 @@ run in creation order (the block whose input's swap-in waits for the swap-out of
 it reads, at 64^3 and 96^3). ``reverse_gradients`` visits the gradient ops' successors among
 themselves in reverse creation order, so a caller can take the worse of the two. The CPU
 emulation is of the measurement setting (one inter-op thread) the simulator was validated in.
+
+Between the compute device and the host (``host_sends``) the ops TensorFlow's partitioning adds
+are emulated too, as measured in swapped steps' op order and partition graphs (the paper's
+network, 64^3, one inter-op thread): a ``_Send`` is expensive, so an op's send to a swap-out
+runs inline only when nothing else is ready; a partition lists it where it reaches the
+swap-out in the graph Grappler returned, before the op's consumers Grappler put after the
+swap-out. A swap-out sends its copy to the swap-ins in one ``_Send`` (expensive) and its
+control edges to each op that waits for it through a host ``NoOp`` (cheap) and a ``_Send``;
+what a ``_Recv`` makes ready joins the pool's front. So a swap-in's copy can sit in the pool
+beneath later work until the pass drains it, and the swap-out of a decoder level whose
+upsampling starts with a cheap op waits until the forward pass ends. The batch comes from the
+step's ``IteratorGetNext``, the last root to run: the optimizer's and the dropouts' variable
+reads run first.
 """
 
 from collections import deque
@@ -33,10 +46,10 @@ def executor_order(flow, late_types=frozenset(), host_sends=False, reverse_gradi
 
     Nodes of ``late_types`` come after their siblings in every ready list, in reverse
     post-order among themselves: oneDNN's graph pass replaces them by new nodes, whose edges
-    TensorFlow then lists last. With ``host_sends``, a ready host node (a swap-out on /CPU:1)
-    is reached through a cheap ``_Send`` on the compute device's inline queue: when that send
-    runs, the host partition's own executor hands the node to the shared pool, whose front it
-    joins, so it runs as soon as the compute device's inline work is done. With
+    TensorFlow then lists last. With ``host_sends``, host nodes (swap-outs on /CPU:1) are
+    reached, and reach the compute device, through the sends and receives partitioning adds
+    (see the module docstring; ``flow.positions`` places the sends), and the batch's input
+    nodes are the last roots. With
     ``reverse_gradients``, backward ops (not swap or recompute nodes, nor ``late_types``) swap
     their places among themselves in every ready list: the last created comes first.
     """
@@ -59,28 +72,36 @@ def executor_order(flow, late_types=frozenset(), host_sends=False, reverse_gradi
             successors[pred].append(node.name)
     for name in successors:
         successors[name].sort(key=position.__getitem__)
-    pool = deque(n.name for n in flow.nodes if not n.preds)
-    order, sent = [], set()
+    cross = _CrossDevice(flow, successors, pending) if host_sends else None
+    roots = [n for n in flow.nodes if not n.preds]
+    if host_sends:  # the batch comes from the step's IteratorGetNext, the last root to run
+        roots.sort(key=lambda n: n.type == "Placeholder")
+    pool = deque(n.name for n in roots)
+    order = []
     while pool:
         inline = deque([pool.popleft()])
         while inline:
-            name = inline.popleft()
-            if host_sends and flow.by_name[name].on_host and name not in sent:
-                sent.add(name)  # its _Send ran: the host's executor queues it
-                pool.appendleft(name)
-                continue
-            order.append(flow.by_name[name])
-            ready = []
-            for succ in successors[name]:
-                pending[succ] -= 1
-                if pending[succ] == 0:
-                    ready.append(succ)
+            item = inline.popleft()
+            if isinstance(item, tuple):
+                ready = cross.run(item, pool)
+            else:
+                node = flow.by_name[item]
+                order.append(node)
+                if cross and node.on_host:
+                    ready = cross.host_done(node)
+                else:
+                    ready = []
+                    for succ in successors[item]:
+                        if cross and flow.by_name[succ].on_host:
+                            continue
+                        pending[succ] -= 1
+                        if pending[succ] == 0:
+                            ready.append(succ)
+                    if cross:
+                        ready = cross.with_sends(item, ready)
             handed_off, last = [], None
             for succ in ready:
-                if host_sends and flow.by_name[succ].on_host:
-                    inline.append(succ)
-                    continue
-                if not flow.by_name[succ].expensive:
+                if not _expensive(succ, flow):
                     inline.append(succ)
                     continue
                 if last is not None:
@@ -97,6 +118,84 @@ def executor_order(flow, late_types=frozenset(), host_sends=False, reverse_gradi
         raise ValueError(f"the step's dependencies contain a cycle (e.g. at {stuck}); "
                          "cannot emulate an execution order")
     return order
+
+
+def _expensive(item, flow):
+    if isinstance(item, tuple):
+        return item[0] != "group"  # the host's NoOp that groups control edges is cheap
+    return flow.by_name[item].expensive
+
+
+class _CrossDevice:
+    """The ops TensorFlow's partitioning adds between the compute device and the host, as
+    work items of the emulated executor: ``("send", host node)``, the compute device's
+    ``_Send`` of a host node's input; ``("data", host node)``, the host's ``_Send`` of its
+    output to the ops that read it; ``("group", op)``, the host's ``NoOp`` that collects the
+    host nodes a compute-device op only waits for, and ``("control", op)``, its ``_Send``.
+    A ``_Recv`` completes outside the executor's inline queue: what it makes ready goes to
+    the front of the pool."""
+
+    def __init__(self, flow, successors, pending):
+        self.flow, self.successors, self.pending = flow, successors, pending
+        self.readers, self.waits = {}, {}
+        for node in flow.nodes:
+            if not node.on_host:
+                continue
+            for succ in successors[node.name]:
+                if any(t.rsplit(":", 1)[0] == node.name for t in flow.by_name[succ].inputs):
+                    self.readers.setdefault(node.name, []).append(succ)
+                elif not flow.by_name[succ].on_host:
+                    self.waits[succ] = self.waits.get(succ, 0) + 1
+        self.group_pending = dict(self.waits)
+
+    def with_sends(self, name, ready):
+        """``ready``, the ops ``name`` made ready, with the compute device's ``_Send`` of
+        ``name``'s output to each host successor where TensorFlow lists it: a partition adds
+        the send where it reaches the host node in the graph Grappler returned, so it comes
+        before the ready ops Grappler put after that node (after all of them when the order
+        is unknown: swap nodes are created after the step's ops)."""
+        positions = self.flow.positions
+        for host in self.successors[name]:
+            if not self.flow.by_name[host].on_host:
+                continue
+            at = positions.get(host)
+            later = [i for i, op in enumerate(ready) if isinstance(op, str) and at is not None
+                     and positions.get(op, -1) > at]
+            ready.insert(later[0] if later else len(ready), ("send", host))
+        return ready
+
+    def host_done(self, node):
+        """What host node ``node`` makes ready: its data ``_Send``, then the ``NoOp`` of each
+        compute-device op whose last host node it was, and host nodes that wait for it."""
+        ready = [("data", node.name)] if node.name in self.readers else []
+        for succ in self.successors[node.name]:
+            if self.flow.by_name[succ].on_host:
+                self.pending[succ] -= 1
+                if self.pending[succ] == 0:
+                    ready.append(succ)
+            elif succ in self.group_pending and succ not in self.readers.get(node.name, ()):
+                self.group_pending[succ] -= 1
+                if self.group_pending[succ] == 0:
+                    ready.append(("group", succ))
+        return ready
+
+    def run(self, item, pool):
+        """Run a send or ``NoOp`` ``item``: what its ``_Recv`` makes ready joins ``pool``'s
+        front; returns what it makes ready itself (a ``NoOp``'s ``_Send``)."""
+        kind, name = item
+        if kind == "group":
+            return [("control", name)]
+        if kind == "send":
+            received, count = [name], 1
+        elif kind == "data":
+            received, count = self.readers[name], 1
+        else:
+            received, count = [name], self.waits[name]
+        for succ in received:
+            self.pending[succ] -= count
+            if self.pending[succ] == 0:
+                pool.appendleft(succ)
+        return []
 
 
 def reverse_post_order(flow):

@@ -37,6 +37,9 @@ from lmstrain.lms.sim.simrewrite import with_plan
 # Device names written into the traced graph; nothing is placed or run, so they need not exist.
 COMPUTE = "/job:localhost/replica:0/task:0/device:CPU:0"
 HOST = "/job:localhost/replica:0/task:0/device:CPU:1"
+# What a step must run besides its outputs, in creation order, for Grappler run outside the
+# runtime (the order of the ops it keeps changes the order of the graph it returns).
+VARIABLE_WRITES = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp"})
 
 
 @dataclass
@@ -173,6 +176,10 @@ def analysed(trace: Trace, executor: str):
     step = analyse_step(trace.graph, trace.outputs, trace.batch,
                         target(executor, trace.steps_per_execution))
     flow = dataflow.build(step, COMPUTE, trace.variables, cpu_executor=executor == "cpu")
+    if trace.plan is not None and executor == "cpu":
+        writes = [op for op in trace.graph.get_operations() if op.type in VARIABLE_WRITES]
+        names = _tf.grappler_order(trace.graph, trace.outputs + writes)
+        flow.positions = {name: i for i, name in enumerate(names)}
     return step, flow
 
 
