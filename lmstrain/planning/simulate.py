@@ -91,7 +91,8 @@ def autotune_step(config: Config, shape: tuple[int, ...], batch: int, device_mem
 
     The search simulates each candidate plan on one trace; with ``retrace``, the choice's
     estimate is then of the step traced and rewritten with the chosen settings, as the ``LMS``
-    callback would (the two agree; the tests check it). Raises
+    callback would (the same plan, the tests check it; on a CPU only the traced rewrite has
+    swap nodes for Grappler to order, which places the sends to the host). Raises
     :class:`~lmstrain.lms.errors.BoundExceededError` when no plan fits.
     """
     executor = executor or default_executor()
