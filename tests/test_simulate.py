@@ -3,10 +3,12 @@
 import pytest
 import tensorflow as tf
 
-from lmstrain.config import config_from_dict
+from lmstrain.config import config_from_dict, load_config
+from lmstrain.lms import SwapSettings
 from lmstrain.lms.sim import bfc, dataflow, liveness, schedule
-from lmstrain.planning.simulate import simulate_step
+from lmstrain.planning.simulate import simulate_step, trace_step
 from lmstrain.lms.sim.dataflow import Dataflow, Node, Output
+from lmstrain.lms.sim.trace import analysed
 from lmstrain.lms.graph import StepGraph
 from lmstrain.planning.sizing import candidate_shapes, scaled_shape
 
@@ -273,3 +275,16 @@ def test_swapping_lowers_the_predicted_peak_and_needs_host_memory(tiny):
     assert swapped.op_output_peak_bytes < 0.6 * plain.op_output_peak_bytes
     assert swapped.swapped_tensors > 10 and swapped.host_bytes > 0
     assert swapped.settings["swapout_threshold"] == tiny.lms.swapout_threshold
+
+
+def test_a_swapped_trace_knows_the_node_order_grappler_returns():
+    config = load_config("configs/demo.yaml")
+    _, flow = analysed(trace_step(config, (16, 16, 16), 1, SwapSettings()), "cpu")
+    swap_outs = [n for n in flow.nodes if n.on_host]
+    assert swap_outs and all(n.name in flow.positions for n in swap_outs)
+    producers = [(n.preds[0], n.name) for n in swap_outs if n.preds[0] in flow.positions]
+    assert len(producers) > len(swap_outs) // 2
+    assert all(flow.positions[p] < flow.positions[s] for p, s in producers)
+    # Without a plan there is nothing to place: no Grappler run.
+    _, plain = analysed(trace_step(config, (16, 16, 16), 1), "cpu")
+    assert not plain.positions

@@ -22,11 +22,10 @@ themselves in reverse creation order, so a caller can take the worse of the two.
 emulation is of the measurement setting (one inter-op thread) the simulator was validated in.
 
 Between the compute device and the host (``host_sends``) the ops TensorFlow's partitioning adds
-are emulated too, as measured in swapped steps' op order and partition graphs (the paper's
-network, 64^3, one inter-op thread): a ``_Send`` is expensive, so an op's send to a swap-out
-runs inline only when nothing else is ready; a partition lists it where it reaches the
-swap-out in the graph Grappler returned, before the op's consumers Grappler put after the
-swap-out. A swap-out sends its copy to the swap-ins in one ``_Send`` (expensive) and its
+are emulated too, as measured in swapped steps' op orders and partition graphs (one inter-op
+thread): a ``_Send`` is expensive, so an op's send to a swap-out runs inline only when nothing
+else is ready; a partition lists it where it reaches the swap-out in the graph Grappler
+returned, before the op's consumers Grappler put after the swap-out. A swap-out sends its copy to the swap-ins in one ``_Send`` (expensive) and its
 control edges to each op that waits for it through a host ``NoOp`` (cheap) and a ``_Send``;
 what a ``_Recv`` makes ready joins the pool's front. So a swap-in's copy can sit in the pool
 beneath later work until the pass drains it, and the swap-out of a decoder level whose
@@ -49,9 +48,9 @@ def executor_order(flow, late_types=frozenset(), host_sends=False, reverse_gradi
     TensorFlow then lists last. With ``host_sends``, host nodes (swap-outs on /CPU:1) are
     reached, and reach the compute device, through the sends and receives partitioning adds
     (see the module docstring; ``flow.positions`` places the sends), and the batch's input
-    nodes are the last roots. With
-    ``reverse_gradients``, backward ops (not swap or recompute nodes, nor ``late_types``) swap
-    their places among themselves in every ready list: the last created comes first.
+    nodes are the last roots. With ``reverse_gradients``, backward ops (not swap or recompute
+    nodes, nor ``late_types``) swap their places among themselves in every ready list: the
+    last created comes first.
     """
     position = {n.name: i for i, n in enumerate(flow.nodes)}
     if late_types:
