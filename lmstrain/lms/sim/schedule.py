@@ -25,13 +25,13 @@ Between the compute device and the host (``host_sends``) the ops TensorFlow's pa
 are emulated too, as measured in swapped steps' op orders and partition graphs (one inter-op
 thread): a ``_Send`` is expensive, so an op's send to a swap-out runs inline only when nothing
 else is ready; a partition lists it where it reaches the swap-out in the graph Grappler
-returned, before the op's consumers Grappler put after the swap-out. A swap-out sends its copy to the swap-ins in one ``_Send`` (expensive) and its
-control edges to each op that waits for it through a host ``NoOp`` (cheap) and a ``_Send``;
-what a ``_Recv`` makes ready joins the pool's front. So a swap-in's copy can sit in the pool
-beneath later work until the pass drains it, and the swap-out of a decoder level whose
-upsampling starts with a cheap op waits until the forward pass ends. The batch comes from the
-step's ``IteratorGetNext``, the last root to run: the optimizer's and the dropouts' variable
-reads run first.
+returned, before the op's consumers Grappler put after the swap-out. A swap-out sends its copy
+to the swap-ins in one ``_Send`` (expensive) and its control edges to each op that waits for it
+through a host ``NoOp`` (cheap) and a ``_Send``; what a ``_Recv`` makes ready joins the pool's
+front. So a swap-in's copy can sit in the pool beneath later work until the pass drains it,
+and the swap-out of a decoder level whose upsampling starts with a cheap op waits until the
+forward pass ends. The batch comes from the step's ``IteratorGetNext``, the last root to run:
+the optimizer's and the dropouts' variable reads run first.
 """
 
 from collections import deque
@@ -141,7 +141,7 @@ class _CrossDevice:
             if not node.on_host:
                 continue
             for succ in successors[node.name]:
-                if any(t.rsplit(":", 1)[0] == node.name for t in flow.by_name[succ].inputs):
+                if any(flow.producer.get(t) is node for t in flow.by_name[succ].inputs):
                     self.readers.setdefault(node.name, []).append(succ)
                 elif not flow.by_name[succ].on_host:
                     self.waits[succ] = self.waits.get(succ, 0) + 1
